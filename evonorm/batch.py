@@ -1,0 +1,106 @@
+"""EvoNorm B-series: batch-dependent layers with a running variance (reference: tensorflow/tpu resnet_model.py).
+
+y = x / max(sqrt(var_{N,H,W}(x) + eps), instance_term(x)) * weight + bias, where the instance term is
+  B0: v * x + sqrt(var_{H,W}(x) + eps)
+  B1: (x + 1) * sqrt(mean_{H,W}(x^2) + eps)
+  B2: sqrt(mean_{H,W}(x^2) + eps) - x
+No mean is subtracted anywhere. ``apply_act=False`` is the reference's affine-only layer.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .common import check_input, check_linear, per_channel, stats_dtype
+
+log = logging.getLogger(__name__)
+
+
+class _EvoNormBatch(nn.Module):
+    has_v = False
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        apply_act: bool = True,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        linear: str = "affine",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.apply_act = apply_act
+        self.eps = eps
+        self.momentum = momentum
+        self.linear = check_linear(linear)
+        if not apply_act and linear == "normalize":
+            log.info("%s(%d): linear='normalize' divides by the batch std (the reference is affine only)",
+                     type(self).__name__, num_features)
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        if self.has_v:
+            self.v = nn.Parameter(torch.ones(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def instance_term(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def affine(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * per_channel(self.weight) + per_channel(self.bias)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.num_features)
+        if (not self.apply_act and self.linear == "affine") or x.shape[0] == 0:
+            return self.affine(x)
+        xs = x.to(stats_dtype(x))
+        if self.training:
+            var = xs.var(dim=(0, 2, 3), unbiased=False)
+            self.update_running_var(var)
+        else:
+            var = self.running_var.to(xs.dtype)
+        den = per_channel(var.add(self.eps).sqrt())
+        if self.apply_act:
+            den = torch.maximum(den, self.instance_term(xs))
+        return self.affine(xs / den).to(x.dtype)
+
+    @torch.no_grad()
+    def update_running_var(self, var: torch.Tensor) -> None:
+        """rv <- (1 - momentum) * rv + momentum * var (biased), per channel, skipping non-finite channels."""
+        var = var.detach().to(self.running_var.dtype)
+        updated = torch.lerp(self.running_var, var, self.momentum)
+        self.running_var.copy_(torch.where(torch.isfinite(var), updated, self.running_var))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, apply_act={self.apply_act}, eps={self.eps}, momentum={self.momentum}, "
+                f"linear={self.linear!r}")
+
+
+def instance_std(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x.var(dim=(2, 3), unbiased=False, keepdim=True).add(eps).sqrt()
+
+
+def instance_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x.square().mean(dim=(2, 3), keepdim=True).add(eps).sqrt()
+
+
+class EvoNormB0(_EvoNormBatch):
+    has_v = True
+
+    def instance_term(self, x):
+        return per_channel(self.v) * x + instance_std(x, self.eps)
+
+
+class EvoNormB1(_EvoNormBatch):
+    def instance_term(self, x):
+        return (x + 1) * instance_rms(x, self.eps)
+
+
+class EvoNormB2(_EvoNormBatch):
+    def instance_term(self, x):
+        return instance_rms(x, self.eps) - x

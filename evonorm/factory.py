@@ -1,0 +1,51 @@
+"""One factory for every norm-act layer: ``norm_act(name, num_features, apply_act=True, **kwargs)``."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from torch import nn
+
+from .baselines import BatchNormAct2d, FilterResponseNormTLU, GroupNormAct
+from .batch import EvoNormB0, EvoNormB1, EvoNormB2
+from .sample import EvoNormS0, EvoNormS1, EvoNormS2
+
+NORM_ACT_LAYERS: dict[str, Callable[..., nn.Module]] = {
+    "b0": EvoNormB0,
+    "b1": EvoNormB1,
+    "b2": EvoNormB2,
+    "s0": EvoNormS0,
+    "s1": EvoNormS1,
+    "s2": EvoNormS2,
+    "bn_relu": partial(BatchNormAct2d, act="relu"),
+    "bn_silu": partial(BatchNormAct2d, act="silu"),
+    "gn_relu": partial(GroupNormAct, act="relu"),
+    "gn_silu": partial(GroupNormAct, act="silu"),
+    "frn_tlu": FilterResponseNormTLU,
+}
+NORM_ACT_NAMES = tuple(NORM_ACT_LAYERS)
+# Types whose parameters take no weight decay (the reference trains EvoNorm parameters without it).
+NORM_LAYER_TYPES = (
+    EvoNormB0, EvoNormB1, EvoNormB2, EvoNormS0, EvoNormS1, EvoNormS2, FilterResponseNormTLU,
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+)
+
+
+def norm_act(name: str, num_features: int, apply_act: bool = True, **kwargs) -> nn.Module:
+    """Build the norm-act layer ``name`` for ``num_features`` channels.
+
+    ``apply_act=False`` asks for the layer at a position with no activation after it. Extra keyword arguments
+    (``eps``, ``groups``, ``momentum``, ``linear``, ``device``, ``dtype``, ...) go to the layer.
+    """
+    try:
+        layer = NORM_ACT_LAYERS[name]
+    except KeyError:
+        raise ValueError(f"unknown norm-act layer {name!r}; valid names: {', '.join(NORM_ACT_NAMES)}") from None
+    return layer(num_features, apply_act=apply_act, **kwargs)
+
+
+def norm_act_factory(name: str, **kwargs) -> Callable[..., nn.Module]:
+    """``norm_act`` with the name and layer options bound: what model builders take."""
+    if name not in NORM_ACT_LAYERS:
+        norm_act(name, 1)  # raises the ValueError that lists the names
+    return partial(norm_act, name, **kwargs)

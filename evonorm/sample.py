@@ -1,0 +1,91 @@
+"""EvoNorm S-series: batch-independent layers with grouped statistics (reference: tensorflow/tpu resnet_model.py).
+
+y = numerator(x) / group_stat(x) * weight + bias, groups of contiguous channels as in GroupNorm:
+  S0: x * sigmoid(v * x) / sqrt(var_group(x) + eps)
+  S1: x * sigmoid(x)     / sqrt(var_group(x) + eps)
+  S2: x * sigmoid(x)     / sqrt(mean_group(x^2) + eps)
+``apply_act=False`` is the reference's affine-only layer.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .common import check_input, check_linear, per_channel, resolve_groups, stats_dtype
+
+log = logging.getLogger(__name__)
+
+
+class _EvoNormSample(nn.Module):
+    has_v = False
+    uses_variance = True  # False: second moment (S2)
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        apply_act: bool = True,
+        groups: int = 32,
+        eps: float = 1e-5,
+        linear: str = "affine",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.groups = resolve_groups(num_features, groups)
+        if self.groups != groups:
+            log.debug("%s(%d): %d groups (largest divisor <= %d)", type(self).__name__, num_features,
+                      self.groups, groups)
+        self.apply_act = apply_act
+        self.eps = eps
+        self.linear = check_linear(linear)
+        if not apply_act and linear == "normalize":
+            log.info("%s(%d): linear='normalize' divides by the group statistic (the reference is affine only)",
+                     type(self).__name__, num_features)
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        if self.has_v:
+            self.v = nn.Parameter(torch.ones(num_features, **factory))
+
+    def numerator(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+    def affine(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * per_channel(self.weight) + per_channel(self.bias)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.num_features)
+        if (not self.apply_act and self.linear == "affine") or x.shape[0] == 0:
+            return self.affine(x)
+        xs = x.to(stats_dtype(x))
+        grouped = xs.reshape(xs.shape[0], self.groups, -1)
+        if self.uses_variance:
+            stat = grouped.var(dim=-1, unbiased=False, keepdim=True)
+        else:
+            stat = grouped.square().mean(dim=-1, keepdim=True)
+        num = self.numerator(xs) if self.apply_act else xs
+        y = (num.reshape_as(grouped) / stat.add(self.eps).sqrt()).reshape_as(xs)
+        return self.affine(y).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, apply_act={self.apply_act}, groups={self.groups}, eps={self.eps}, " \
+               f"linear={self.linear!r}"
+
+
+class EvoNormS0(_EvoNormSample):
+    has_v = True
+
+    def numerator(self, x):
+        return x * torch.sigmoid(per_channel(self.v) * x)
+
+
+class EvoNormS1(_EvoNormSample):
+    pass
+
+
+class EvoNormS2(_EvoNormSample):
+    uses_variance = False

@@ -5,6 +5,8 @@ y = x / max(sqrt(var_{N,H,W}(x) + eps), instance_term(x)) * weight + bias, where
   B1: (x + 1) * sqrt(mean_{H,W}(x^2) + eps)
   B2: sqrt(mean_{H,W}(x^2) + eps) - x
 No mean is subtracted anywhere. ``apply_act=False`` is the reference's affine-only layer.
+``impl="fast"`` (default) runs the layer with activation as one autograd function (evonorm.fused); ``"reference"``
+keeps the plain ops below (needed for double backward).
 """
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ import logging
 import torch
 from torch import nn
 
-from .common import check_input, check_linear, per_channel, stats_dtype
+from .common import check_impl, check_input, check_linear, per_channel, stats_dtype
+from .fused import evonorm_batch
 
 log = logging.getLogger(__name__)
 
 
 class _EvoNormBatch(nn.Module):
     has_v = False
+    variant = ""  # "b0" / "b1" / "b2": the instance term in evonorm.fused
 
     def __init__(
         self,
@@ -29,6 +33,7 @@ class _EvoNormBatch(nn.Module):
         eps: float = 1e-5,
         momentum: float = 0.1,
         linear: str = "affine",
+        impl: str = "fast",
         device=None,
         dtype=None,
     ):
@@ -39,6 +44,7 @@ class _EvoNormBatch(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.linear = check_linear(linear)
+        self.impl = check_impl(impl)
         if not apply_act and linear == "normalize":
             log.info("%s(%d): linear='normalize' divides by the batch std (the reference is affine only)",
                      type(self).__name__, num_features)
@@ -58,6 +64,12 @@ class _EvoNormBatch(nn.Module):
         check_input(self, x, self.num_features)
         if (not self.apply_act and self.linear == "affine") or x.shape[0] == 0:
             return self.affine(x)
+        if self.impl == "fast" and self.apply_act:
+            y, var = evonorm_batch(x, self.weight, self.bias, getattr(self, "v", None), self.running_var,
+                                   variant=self.variant, eps=self.eps, training=self.training)
+            if self.training:
+                self.update_running_var(var)
+            return y
         xs = x.to(stats_dtype(x))
         if self.training:
             var = xs.var(dim=(0, 2, 3), unbiased=False)
@@ -78,7 +90,7 @@ class _EvoNormBatch(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, apply_act={self.apply_act}, eps={self.eps}, momentum={self.momentum}, "
-                f"linear={self.linear!r}")
+                f"linear={self.linear!r}, impl={self.impl!r}")
 
 
 def instance_std(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,6 +102,7 @@ def instance_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class EvoNormB0(_EvoNormBatch):
+    variant = "b0"
     has_v = True
 
     def instance_term(self, x):
@@ -97,10 +110,12 @@ class EvoNormB0(_EvoNormBatch):
 
 
 class EvoNormB1(_EvoNormBatch):
+    variant = "b1"
     def instance_term(self, x):
         return (x + 1) * instance_rms(x, self.eps)
 
 
 class EvoNormB2(_EvoNormBatch):
+    variant = "b2"
     def instance_term(self, x):
         return instance_rms(x, self.eps) - x

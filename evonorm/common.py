@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 LINEAR_MODES = ("affine", "normalize")
+IMPLS = ("fast", "reference")  # fast: evonorm.fused autograd functions; reference: plain autograd ops
 
 
 def resolve_groups(num_channels: int, groups: int) -> int:
@@ -29,6 +30,12 @@ def check_linear(linear: str) -> str:
     if linear not in LINEAR_MODES:
         raise ValueError(f"linear must be one of {LINEAR_MODES}, got {linear!r}")
     return linear
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
 def per_channel(t: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ y = numerator(x) / group_stat(x) * weight + bias, groups of contiguous channels 
   S1: x * sigmoid(x)     / sqrt(var_group(x) + eps)
   S2: x * sigmoid(x)     / sqrt(mean_group(x^2) + eps)
 ``apply_act=False`` is the reference's affine-only layer.
+``impl="fast"`` (default) runs the layer with activation as one autograd function (evonorm.fused); ``"reference"``
+keeps the plain ops below (needed for double backward).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import logging
 import torch
 from torch import nn
 
-from .common import check_input, check_linear, per_channel, resolve_groups, stats_dtype
+from .common import check_impl, check_input, check_linear, per_channel, resolve_groups, stats_dtype
+from .fused import evonorm_sample
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class _EvoNormSample(nn.Module):
         groups: int = 32,
         eps: float = 1e-5,
         linear: str = "affine",
+        impl: str = "fast",
         device=None,
         dtype=None,
     ):
@@ -43,6 +47,7 @@ class _EvoNormSample(nn.Module):
         self.apply_act = apply_act
         self.eps = eps
         self.linear = check_linear(linear)
+        self.impl = check_impl(impl)
         if not apply_act and linear == "normalize":
             log.info("%s(%d): linear='normalize' divides by the group statistic (the reference is affine only)",
                      type(self).__name__, num_features)
@@ -61,6 +66,9 @@ class _EvoNormSample(nn.Module):
         check_input(self, x, self.num_features)
         if (not self.apply_act and self.linear == "affine") or x.shape[0] == 0:
             return self.affine(x)
+        if self.impl == "fast" and self.apply_act:
+            return evonorm_sample(x, self.weight, self.bias, getattr(self, "v", None), groups=self.groups,
+                                  eps=self.eps, centered=self.uses_variance)
         xs = x.to(stats_dtype(x))
         grouped = xs.reshape(xs.shape[0], self.groups, -1)
         if self.uses_variance:
@@ -73,7 +81,7 @@ class _EvoNormSample(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, apply_act={self.apply_act}, groups={self.groups}, eps={self.eps}, " \
-               f"linear={self.linear!r}"
+               f"linear={self.linear!r}, impl={self.impl!r}"
 
 
 class EvoNormS0(_EvoNormSample):

@@ -1,0 +1,59 @@
+"""Callbacks every task gets: a finite-loss guard and the best-validation record."""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class FiniteLossCheck(pl.Callback):
+    """Stop at the first NaN/Inf training loss with an error that says what to try (checkpoints stay)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}). "
+                "Try a lower learning rate or a longer warmup, gradient clipping (trainer.gradient_clip_val=1.0), "
+                "or fp32 precision; checkpoints written so far are kept in the run's checkpoints/ folder.")
+
+
+class CheckpointOnException(pl.Callback):
+    """Save the state of a run that crashes or is interrupted, so that it can be resumed (not after NaN)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, NonFiniteLossError):
+            trainer.save_checkpoint(self.path)
+
+
+class BestMetrics(pl.Callback):
+    """Keeps every validation metric of the epoch that was best on ``monitor``."""
+
+    def __init__(self, monitor: str, mode: str = "max"):
+        self.monitor, self.mode = monitor, mode
+        self.best: dict[str, float] = {}
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        current = self.best.get(self.monitor)
+        better = current is None or (value > current if self.mode == "max" else value < current)
+        if better and math.isfinite(value):
+            self.best = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self.best["epoch"] = trainer.current_epoch
+            self.best["step"] = trainer.global_step
+
+    def state_dict(self):
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict):
+        self.best = state_dict["best"]

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
 from evonorm import norm_act_factory
@@ -37,9 +40,21 @@ def git_commit() -> str | None:
 
 
 def write_record(output_dir: Path, record: dict) -> None:
+    if rank_zero_only.rank != 0:  # DDP: one process writes the record
+        return
     tmp = output_dir / (RESULTS_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(output_dir / RESULTS_FILE)  # atomic: a reader never sees half a file
+
+
+def describe_error(error: BaseException, output_dir: Path) -> str:
+    text = f"{type(error).__name__}: {error}".rstrip(": ")
+    saved = output_dir / "checkpoints" / "on_exception.ckpt"
+    if isinstance(error, (KeyboardInterrupt, SystemExit, SIGTERMException)):
+        text = f"interrupted ({text})"
+    if saved.is_file():
+        text += f"; resume with ckpt_path={saved}"
+    return text
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str, with_logger: bool):
@@ -85,7 +100,9 @@ def run(cfg: DictConfig) -> dict:
         record["tested_checkpoint"] = checkpoint.best_model_path if test_ckpt else "last weights"
         record["status"], exit_code = "completed", 0
     except BaseException as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        record.update(status="failed", error=describe_error(e, output_dir))
+        if isinstance(e, SIGTERMException):  # a SystemExit with code 0: exit as killed by SIGTERM instead
+            raise SystemExit(128 + signal.SIGTERM) from e
         raise
     finally:
         if trainer is not None:

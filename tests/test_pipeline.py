@@ -1,5 +1,9 @@
 """The run pipeline end to end on tiny real data: every layer trains, records are written, failures and resume."""
 import json
+import subprocess
+import signal
+import sys
+import time
 
 import pytest
 import torch
@@ -66,3 +70,42 @@ def test_csv_logger_writes_metrics(compose_cfg, tmp_path):
     run(compose_cfg("logger=csv"))
     metrics = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/acc1" in metrics
+
+
+def test_same_seed_same_result(compose_cfg, tmp_path):
+    records = [run(compose_cfg("norm=s0", "trainer.deterministic=true", output_dir=tmp_path / str(i)))
+               for i in range(2)]
+    assert records[0]["test"] == records[1]["test"]
+
+
+def test_ddp_with_hydra_on_cpu(tmp_path):
+    """Two CPU processes (gloo): Lightning re-launches run.py inside the same Hydra run dir; rank 0 writes."""
+    from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "run.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.precision=32-true", *SMOKE_OVERRIDES, f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = read_record(run_dir)
+    assert record["status"] == "completed"
+    assert record["steps"] == 512 // (64 * 2)  # each process sees half of the data per step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_killed_run_keeps_its_state(tmp_path):
+    """SIGTERM mid-training: the record says so, and a checkpoint to resume from is saved."""
+    from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *SMOKE_OVERRIDES, "task.epochs=50", f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    record = read_record(run_dir)
+    assert record["status"] == "failed" and record["error"].startswith("interrupted")
+    assert "ckpt_path=" in record["error"] and record["steps"] >= 8
+    assert (run_dir / "checkpoints" / "on_exception.ckpt").is_file()

@@ -45,7 +45,7 @@ class ClassificationModule(pl.LightningModule):
     def _eval_step(self, batch, stage: str):
         x, y = batch
         logits = self(x)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         for k in self.top_k:
             metric = self.metrics[f"{stage}_acc{k}"]
             metric.update(logits, y)

@@ -1,0 +1,37 @@
+"""wandb runs offline without a login, one wandb run per Hydra job, named <task>-<norm>-<seed>."""
+import os
+import subprocess
+import sys
+
+from pipelines.loggers import wandb_mode
+from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
+
+
+def test_wandb_mode_never_prompts(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode(None) == "disabled"
+    assert wandb_mode("offline") == "offline"
+
+
+def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path))
+    overrides = [o for o in SMOKE_OVERRIDES if not o.startswith("logger=")]
+    out = subprocess.run(
+        [sys.executable, "run.py", "-m", "norm=b0,gn_relu", "logger=wandb", *overrides,
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job, norm in enumerate(["b0", "gn_relu"]):
+        job_dir = tmp_path / "sweep" / f"{job}-classification-{norm}-s0"
+        assert '"status": "completed"' in (job_dir / "results.json").read_text()
+        runs = list((job_dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        assert any(runs[0].glob("run-*.wandb"))

@@ -2,28 +2,82 @@
 
 A chain of element-wise autograd ops keeps several input-sized tensors alive for backward (timm's port: ~5x the
 input). These functions save x plus per-(n, c) or per-(n, group) statistics (~1x the input), recompute the
-element-wise parts in backward and use analytic gradients. Each element-wise step is a single ATen kernel, in place on
-temporaries where possible: on CPU every extra pass over the tensor costs about as much as the arithmetic in it.
+element-wise parts in backward and use analytic gradients (derived in the ``*_coefficients`` helpers).
 
 - Statistics: one Welford pass of ``native_group_norm`` (``torch.var`` is ~15x slower on CPU). For the B-series the
   per-(n, c) moments also give the batch variance (law of total variance), so one pass serves both terms.
-- Per-(n, c) sums of products come from the batch-norm backward reduction, which does not materialise the product.
+- Backward = per-(n, c) sums over (H, W) -> small per-(n, c) coefficient algebra -> one element-wise pass for the
+  input gradient. The input-sized stages exist twice, computing the same thing:
+  * ``*_plain``: plain formulas for ``torch.compile`` (inductor fuses each stage into one loop nest). They see x as
+    (N*C, H*W) rows and every factor as an (N*C, 1) tensor, so that each stage compiles to one graph for all shapes
+    and layer variants (per-group indexing with dynamic shapes would cost integer divisions per element).
+  * ``*_eager``: one ATen kernel per step, in place in at most two temporaries. On CPU a fresh input-sized buffer
+    costs more than the arithmetic done in it, per-(n, c) sums of products come from the batch-norm backward
+    reduction (no product tensor) and branch masks use ``threshold_backward`` (boolean masks are slow).
+  ``set_compile`` / ``EVONORM_COMPILE`` choose (``COMPILE_MODES``); a failed compilation warns once and falls back to
+  the eager stages.
 - Half inputs: statistics and arithmetic in float32, output and input gradient in the input dtype.
 - Backward is first-order only (``once_differentiable``): use ``impl="reference"`` for double backward.
 """
 from __future__ import annotations
 
+import logging
+import os
+from functools import partial
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .common import stats_dtype
 
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
 BATCH_VARIANTS = ("b0", "b1", "b2")
+# auto: compile for float32 CPU inputs of at least COMPILE_MIN_NUMEL elements (a compile costs seconds once per
+# process and stage, so tests and small maps stay eager); on: always (any device, float32); off: never.
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_MIN_NUMEL = 1 << 20
+_compile_state: dict = {"mode": os.environ.get("EVONORM_COMPILE", "auto"), "failed": False, "kernels": {}}
+
+
+def set_compile(mode: str) -> None:
+    """Choose when the input-sized stages go through torch.compile (``COMPILE_MODES``)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    _compile_state["mode"] = mode
+
+
+def _use_compiled(x: torch.Tensor) -> bool:
+    mode = _compile_state["mode"]
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"EVONORM_COMPILE must be one of {COMPILE_MODES}, got {mode!r}")
+    if torch.compiler.is_compiling():  # inside a user's torch.compile: it traces and fuses the plain stages
+        return True
+    if mode == "off" or _compile_state["failed"] or x.dtype != torch.float32:
+        return False
+    return mode == "on" or (x.device.type == "cpu" and x.numel() >= COMPILE_MIN_NUMEL)
+
+
+def _run_compiled(stage: Callable, *args):
+    """stage(*args) through torch.compile; None when compilation fails (the caller then runs the eager stages)."""
+    if torch.compiler.is_compiling():
+        return stage(*args)
+    kernels = _compile_state["kernels"]
+    if stage not in kernels:
+        kernels[stage] = torch.compile(stage, dynamic=True, fullgraph=True)
+    try:
+        return kernels[stage](*args)
+    except Exception as err:  # no C++ compiler, unsupported backend, recompile limit, ...
+        log.warning("evonorm: torch.compile failed, using the eager kernels from now on (%s: %s)",
+                    type(err).__name__, err)
+        _compile_state["failed"] = True
+        return None
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
-    """(C,) or (1, C) -> (1, C, 1, 1)."""
+    """(C,) -> (1, C, 1, 1)."""
     return t.view(1, -1, 1, 1)
 
 
@@ -36,11 +90,21 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _moments(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(n, group) mean and 1 / sqrt(var + eps), each (N, groups), in one pass (the normalized output is unused)."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous (N, C, H, W) -> (N*C, H*W), the layout of the compiled stages."""
+    return x.view(x.shape[0] * x.shape[1], -1)
+
+
+def _row_factor(t: torch.Tensor | None, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """A factor broadcastable to (N, C, 1, 1) (None: ``fill``) as the (N*C, 1) column of the compiled stages."""
+    n, c = x.shape[:2]
+    return x.new_full((n * c, 1), fill) if t is None else t.expand(n, c, 1, 1).reshape(n * c, 1)
+
+
+def _moments(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scratch buffer like x, mean, 1 / sqrt(var + eps)) per (n, group) from one pass; the buffer holds garbage."""
     n, c, h, w = x.shape
-    _, mean, rstd = torch.native_group_norm(x, None, None, n, c, h * w, groups, eps)
-    return mean, rstd
+    return torch.native_group_norm(x, None, None, n, c, h * w, groups, eps)
 
 
 def _sum_and_dot(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,10 +115,27 @@ def _sum_and_dot(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     """
     n, c, h, w = a.shape
     zeros = a.new_zeros(n * c)
-    _, dot, total = torch.ops.aten.native_batch_norm_backward(
+    _, dot, total = aten.native_batch_norm_backward(
         a.reshape(1, n * c, h, w), b.reshape(1, n * c, h, w), None, None, None, zeros, torch.ones_like(zeros),
         True, 0.0, [False, True, True])
     return total.view(n, c), dot.view(n, c)
+
+
+def _add_stat_terms_eager(grad_x, x, k1, center, k0, scratch=None):
+    """grad_x += k1 * (x - center) + k0 in place (center, k0 may be None); x - center goes into scratch.
+
+    The input gradient through the statistics has this form with per-(n, c) k1, center, k0. Centering first, as
+    autograd of a variance does, keeps it exact where x == center (one-element groups) and accurate when the mean
+    is large against the spread; the compiled stages compute the same expression.
+    """
+    grad_x.addcmul_(x if center is None else torch.sub(x, center, out=scratch), k1)
+    return grad_x if k0 is None else grad_x.add_(k0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# B-series: y = x / max(alpha * x + beta, batch_std) * weight + bias, computed as
+# r = max(a * x + b, 1) with a = alpha / batch_std, b = beta / batch_std (r > 1 exactly on the instance branch, r = 1
+# on the batch branch) and y = x / r * scale + bias, scale = weight / batch_std.
 
 
 def _instance_term(variant: str, mean: torch.Tensor, var: torch.Tensor, v: torch.Tensor | None,
@@ -68,8 +149,90 @@ def _instance_term(variant: str, mean: torch.Tensor, var: torch.Tensor, v: torch
     return rms.new_full((1, 1, 1, 1), -1.0), rms  # b2: rms - x
 
 
+def _batch_coefficients(variant: str, training: bool, mean, beta, batch_std, weight, spatial: int, sums):
+    """(k1, center, k0, weight gradient, v gradient): grad_x = (gy / r - a * q_inst) * scale + stat terms.
+
+    sums, each (N, C) over (H, W): gy, gy x / r, q = gy x / r^2, q_inst = q on the instance branch, q_inst * x.
+    dL/d den = -weight gy x / den^2 = -weight / batch_std^2 * q; its sums over each branch go to beta and alpha
+    (instance branch) or batch_std (batch branch), and from there through the statistics to x.
+    """
+    _, dot_gy_t, dot_all, sum_inst, dot_inst_x = sums
+    n, c = mean.shape
+    w_ss = weight / batch_std.square()
+    g_beta = -w_ss * sum_inst
+    g_alpha = -w_ss * dot_inst_x  # alpha * x per element, summed
+    beta = beta.view(n, c)
+    grad_v = k0 = None
+    if variant == "b0":  # beta = sqrt(var + eps): d beta / dx = (x - mean) / (HW beta)
+        grad_v = g_alpha.sum(0)
+        k1 = g_beta / (beta * spatial)
+    else:  # beta = rms = sqrt(mean(x^2) + eps): d rms / dx = x / (HW rms) = ((x - mean) + mean) / (HW rms)
+        k1 = (g_beta + g_alpha if variant == "b1" else g_beta) / (beta * spatial)  # b1 also has alpha = rms
+        k0 = k1 * mean
+    if training:  # d batch_std / dx = (x - batch_mean) / (N HW batch_std), x - batch_mean = (x - mean) + ...
+        k_batch = (-w_ss * (dot_all - sum_inst)).sum(0) / (batch_std * n * spatial)
+        k1 = k1 + k_batch
+        k0 = (0 if k0 is None else k0) + k_batch * (mean - mean.mean(0))
+    return _nc(k1), _nc(mean), None if k0 is None else _nc(k0), (dot_gy_t / batch_std).sum(0), grad_v
+
+
+def _batch_forward_plain(buf, x, a, b, scale, bias):
+    r = torch.clamp_min(a * x + b, 1.0)
+    return buf.copy_(x / r * scale + bias)
+
+
+def _batch_sums_plain(x, gy, a, b):
+    r = torch.clamp_min(a * x + b, 1.0)
+    t = x / r
+    q = gy * t / r
+    q_inst = torch.where(r > 1.0, q, 0.0)
+    return tuple(s.sum(-1) for s in (gy, gy * t, q, q_inst, q_inst * x))
+
+
+def _batch_grad_x_plain(x, gy, a, b, scale, k1, center, k0):
+    r = torch.clamp_min(a * x + b, 1.0)
+    q_inst = torch.where(r > 1.0, gy * x / (r * r), 0.0)
+    return (gy / r - a * q_inst) * scale + k1 * (x - center) + k0
+
+
+def _batch_forward_compiled(buf, x, a, b, scale, bias):
+    y = _run_compiled(_batch_forward_plain, _rows(buf), _rows(x), *(_row_factor(t, x) for t in (a, b, scale, bias)))
+    return None if y is None else y.view_as(x)
+
+
+def _batch_backward_compiled(x, gy, a, b, scale, coefficients):
+    x_rows, gy_rows = _rows(x), _rows(gy)
+    a, b, scale = (_row_factor(t, x) for t in (a, b, scale))
+    sums = _run_compiled(_batch_sums_plain, x_rows, gy_rows, a, b)
+    if sums is None:
+        return None
+    sums = [s.view(x.shape[:2]) for s in sums]
+    *stat_terms, grad_weight, grad_v = coefficients(sums)
+    grad_x = _run_compiled(_batch_grad_x_plain, x_rows, gy_rows, a, b, scale,
+                           *(_row_factor(t, x) for t in stat_terms))
+    return None if grad_x is None else (grad_x.view_as(x), grad_weight, sums[0].sum(0), grad_v)
+
+
+def _batch_forward_eager(buf, x, a, b, scale, bias):
+    r = torch.mul(x, a, out=buf).add_(b).clamp_min_(1.0)
+    return torch.div(x, r, out=r).mul_(scale).add_(bias)
+
+
+def _batch_backward_eager(x, gy, a, b, scale, coefficients):
+    r = torch.mul(x, a).add_(b).clamp_min_(1.0)
+    t = x / r
+    sum_gy, dot_gy_t = _sum_and_dot(gy, t)
+    t.div_(r)
+    _, dot_all = _sum_and_dot(gy, t)
+    q_inst = aten.threshold_backward.grad_input(t, r, 1.0, grad_input=t).mul_(gy)
+    sum_inst, dot_inst_x = _sum_and_dot(q_inst, x)
+    *stat_terms, grad_weight, grad_v = coefficients((sum_gy, dot_gy_t, dot_all, sum_inst, dot_inst_x))
+    grad_x = torch.div(gy, r, out=r).addcmul_(q_inst, a, value=-1).mul_(scale)
+    return _add_stat_terms_eager(grad_x, x, *stat_terms, scratch=q_inst), grad_weight, sum_gy.sum(0), grad_v
+
+
 class EvoNormBatchFn(torch.autograd.Function):
-    """y = x / max(batch_std, alpha * x + beta) * weight + bias; returns (y, batch variance used)."""
+    """EvoNorm B0/B1/B2 with activation; returns (y, batch variance used)."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, running_var, variant: str, eps: float, training: bool):
@@ -77,18 +240,18 @@ class EvoNormBatchFn(torch.autograd.Function):
             f = stats_dtype(x)
             xs = x.contiguous().to(f)
             # eps 0: var = rstd^-2 recovers the variance exactly (a zero variance gives rstd inf, var 0).
-            mean, rstd = _moments(xs, xs.shape[1], 0.0)
+            buf, mean, rstd = _moments(xs, xs.shape[1], 0.0)
             var = rstd.pow(-2)
             if training:  # over (N, H, W): mean of the (n, c) variances + variance of the (n, c) means
-                batch_var = var.mean(0) + mean.var(0, correction=0)
+                batch_var = var.mean(0) + (mean - mean.mean(0)).square().mean(0)  # torch.var: slow on CPU
             else:
                 batch_var = running_var.to(f)
             batch_std = (batch_var + eps).sqrt()
             alpha, beta = _instance_term(variant, mean, var, _as(v, f), eps)
-            den = torch.addcmul(beta, alpha, xs)
-            torch.maximum(den, _c(batch_std), out=den)
-            y = torch.div(xs, den, out=den)
-            y = torch.addcmul(_c(bias.to(f)), y, _c(weight.to(f)), out=y)
+            args = buf, xs, alpha / _c(batch_std), beta / _c(batch_std), _c(weight.to(f) / batch_std), _c(bias.to(f))
+            y = _batch_forward_compiled(*args) if _use_compiled(xs) else None
+            if y is None:
+                y = _batch_forward_eager(*args)
         ctx.save_for_backward(x, weight, v, mean, var, batch_std)
         ctx.variant, ctx.eps, ctx.training, ctx.bias_dtype = variant, eps, training, bias.dtype
         ctx.mark_non_differentiable(batch_var)
@@ -101,48 +264,110 @@ class EvoNormBatchFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             f = mean.dtype
             xs = x.contiguous().to(f)
-            gy = grad_y.contiguous().to(f)
-            n, c, h, w = xs.shape
-            w_c = weight.to(f).view(1, c)
+            w = weight.to(f)
             alpha, beta = _instance_term(ctx.variant, mean, var, _as(v, f), ctx.eps)
-            den = torch.addcmul(beta, alpha, xs)
-            inst = den > _c(batch_std)  # where the instance term is the max (a tie counts as the batch term)
-            torch.maximum(den, _c(batch_std), out=den)
-            y_hat = xs / den
-            gy_den = torch.div(gy, den, out=den)
-            sum_gy, dot_gy_yhat = _sum_and_dot(gy, y_hat)
-            _, dot_all = _sum_and_dot(gy_den, y_hat)  # sum gy x / den^2; dL/dden = -weight * gy x / den^2
-            inst_part = torch.mul(gy_den, y_hat, out=y_hat).mul_(inst)
-            sum_inst, dot_inst_x = _sum_and_dot(inst_part, xs)
+            coefficients = partial(_batch_coefficients, ctx.variant, ctx.training, mean, beta, batch_std, w,
+                                   xs.shape[2] * xs.shape[3])
+            args = (xs, grad_y.contiguous().to(f), alpha / _c(batch_std), beta / _c(batch_std), _c(w / batch_std),
+                    coefficients)
+            grads = _batch_backward_compiled(*args) if _use_compiled(xs) else None
+            if grads is None:
+                grads = _batch_backward_eager(*args)
+        grad_x, grad_weight, grad_bias, grad_v = grads
+        return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
+                None if v is None else grad_v.to(v.dtype), None, None, None, None)
 
-            g_beta = -w_c * sum_inst  # (N, C)
-            g_alpha = -w_c * dot_inst_x  # (N, C), per-element alpha * x summed over (H, W)
-            spatial = h * w
-            grad_v = None
-            if ctx.variant == "b0":  # beta = sqrt(var + eps): d beta / dx = (x - mean) / (HW * beta)
-                grad_v = g_alpha.sum(0).to(v.dtype)
-                k1 = g_beta / (beta.view(n, c) * spatial)
-                k0 = -k1 * mean
-            else:  # rms = sqrt(mean(x^2) + eps): d rms / dx = x / (HW * rms)
-                g_rms = g_beta + g_alpha if ctx.variant == "b1" else g_beta
-                k1 = g_rms / (beta.view(n, c) * spatial)
-                k0 = torch.zeros_like(k1)
-            if ctx.training:  # d batch_std / dx = (x - batch_mean) / (N HW batch_std)
-                g_batch_std = (-w_c * (dot_all - sum_inst)).sum(0)
-                kb = g_batch_std / (batch_std * n * spatial)
-                k1 = k1 + kb
-                k0 = k0 - kb * mean.mean(0)
-            direct = gy_den.addcmul_(inst_part, alpha, value=-1)  # (gy - alpha * inst * gy x / den) / den
-            grad_x = torch.addcmul(_nc(k0), xs, _nc(k1)).addcmul_(direct, _c(w_c))
-        return (grad_x.to(x.dtype), dot_gy_yhat.sum(0).to(weight.dtype), sum_gy.sum(0).to(ctx.bias_dtype), grad_v,
-                None, None, None, None)
+
+# ---------------------------------------------------------------------------------------------------------------
+# S-series: y = x * sigmoid(v * x) * rstd * weight + bias, rstd = 1 / sqrt(stat_group(x) + eps), v = 1 for S1/S2;
+# stat is the group variance (S0, S1) or the group second moment (S2, mean None). scale = rstd * weight per (n, c).
+
+
+def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, groups) -> (N, C): each group's value for its channels."""
+    return t.repeat_interleave(channels // t.shape[1], dim=1)
+
+
+def _sample_coefficients(mean, rstd, weight, spatial: int, sums):
+    """(k1, center, k0, weight gradient, v gradient): grad_x = gy * d num / dx * scale + stat terms.
+
+    sums, each (N, C) over (H, W): gy, gy * num, and gy * d num / dv (S0) or None. dL/d rstd = sum over the group
+    of weight * gy * num; d rstd / dx = -rstd^3 / 2 * d stat / dx, d stat / dx = 2 (x - mean) / M (variance) or
+    2 x / M (second moment), M = HW * channels per group.
+    """
+    _, dot_gy_num, dot_v = sums
+    n, c = dot_gy_num.shape
+    per_group = c // rstd.shape[1]
+    g_rstd = (weight * dot_gy_num).view(n, -1, per_group).sum(2)
+    k1 = _per_channel(-g_rstd * rstd.pow(3) / (per_group * spatial), c)
+    center = None if mean is None else _nc(_per_channel(mean, c))
+    rstd_c = _per_channel(rstd, c)
+    grad_v = None if dot_v is None else (weight * rstd_c * dot_v).sum(0)
+    return _nc(k1), center, None, (rstd_c * dot_gy_num).sum(0), grad_v
+
+
+def _sample_forward_plain(buf, x, v, scale, bias):
+    return buf.copy_(x * torch.sigmoid(v * x) * scale + bias)
+
+
+def _sample_sums_plain(x, gy, v):
+    s = torch.sigmoid(v * x)
+    gy_num = gy * x * s
+    return gy.sum(-1), gy_num.sum(-1), (gy_num * x * (1 - s)).sum(-1)  # d (x s) / dv = x^2 s (1 - s)
+
+
+def _sample_grad_x_plain(x, gy, v, scale, k1, center, k0):
+    z = v * x
+    s = torch.sigmoid(z)
+    return gy * (s + z * s * (1 - s)) * scale + k1 * (x - center) + k0  # d (x s) / dx = s + v x s (1 - s)
+
+
+def _sample_forward_compiled(buf, x, v, scale, bias):
+    y = _run_compiled(_sample_forward_plain, _rows(buf), _rows(x), _row_factor(v, x, 1.0), _row_factor(scale, x),
+                      _row_factor(bias, x))
+    return None if y is None else y.view_as(x)
+
+
+def _sample_backward_compiled(x, gy, v, scale, coefficients):
+    x_rows, gy_rows, v_rows = _rows(x), _rows(gy), _row_factor(v, x, 1.0)
+    sums = _run_compiled(_sample_sums_plain, x_rows, gy_rows, v_rows)
+    if sums is None:
+        return None
+    sum_gy, dot_gy_num, dot_v = (s.view(x.shape[:2]) for s in sums)
+    *stat_terms, grad_weight, grad_v = coefficients((sum_gy, dot_gy_num, None if v is None else dot_v))
+    grad_x = _run_compiled(_sample_grad_x_plain, x_rows, gy_rows, v_rows, _row_factor(scale, x),
+                           *(_row_factor(t, x) for t in stat_terms))
+    return None if grad_x is None else (grad_x.view_as(x), grad_weight, sum_gy.sum(0), grad_v)
+
+
+def _sample_forward_eager(buf, x, v, scale, bias):
+    num = aten.silu.out(x, out=buf) if v is None else torch.mul(x, v, out=buf).sigmoid_().mul_(x)
+    return num.mul_(scale).add_(bias)
+
+
+def _sample_backward_eager(x, gy, v, scale, coefficients):
+    scratch = None
+    if v is None:  # numerator silu(x)
+        g_num = aten.silu.out(x, out=torch.empty_like(x))
+        sum_gy, dot_gy_num = _sum_and_dot(gy, g_num)
+        dot_v = None
+        aten.silu_backward.grad_input(gy, x, grad_input=g_num)  # gy * d silu(x) / dx
+    else:  # numerator x * s, s = sigmoid(v x): d/dx = s + v x s (1 - s), d/dv = x^2 s (1 - s)
+        g_num = torch.mul(x, v).sigmoid_()  # s
+        gy_x = gy * x
+        _, dot_gy_num = _sum_and_dot(gy_x, g_num)
+        aten.sigmoid_backward.grad_input(gy_x, g_num, grad_input=gy_x)  # gy x s (1 - s)
+        _, dot_v = _sum_and_dot(gy_x, x)
+        sum_gy = gy.sum((2, 3))
+        g_num.mul_(gy).addcmul_(gy_x, v)  # gy * d num / dx
+        scratch = gy_x
+    *stat_terms, grad_weight, grad_v = coefficients((sum_gy, dot_gy_num, dot_v))
+    grad_x = _add_stat_terms_eager(g_num.mul_(scale), x, *stat_terms, scratch=scratch)
+    return grad_x, grad_weight, sum_gy.sum(0), grad_v
 
 
 class EvoNormSampleFn(torch.autograd.Function):
-    """y = x * sigmoid(v * x) / sqrt(stat_group(x) + eps) * weight + bias (v None: sigmoid(x)).
-
-    stat is the group variance (``centered``, S0/S1) or the group second moment (S2).
-    """
+    """EvoNorm S0 (v given), S1 (v None, centered) or S2 (v None, not centered) with activation."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, groups: int, eps: float, centered: bool):
@@ -150,17 +375,16 @@ class EvoNormSampleFn(torch.autograd.Function):
             f = stats_dtype(x)
             xs = x.contiguous().to(f)
             if centered:
-                mean, rstd = _moments(xs, groups, eps)
+                buf, mean, rstd = _moments(xs, groups, eps)
             else:  # second moment = var + mean^2 (eps 0 recovers var exactly)
-                mean, rstd = _moments(xs, groups, 0.0)
+                buf, mean, rstd = _moments(xs, groups, 0.0)
                 rstd = (rstd.pow(-2) + mean.square() + eps).rsqrt()
                 mean = None
-            if v is None:
-                num = F.silu(xs)
-            else:
-                num = torch.mul(xs, _c(v.to(f))).sigmoid_().mul_(xs)
-            scale = _c(weight.to(f)) * _nc(rstd.repeat_interleave(xs.shape[1] // groups, dim=1))
-            y = torch.addcmul(_c(bias.to(f)), num, scale, out=num)
+            scale = _c(weight.to(f)) * _nc(_per_channel(rstd, xs.shape[1]))
+            args = buf, xs, None if v is None else _c(v.to(f)), scale, _c(bias.to(f))
+            y = _sample_forward_compiled(*args) if _use_compiled(xs) else None
+            if y is None:
+                y = _sample_forward_eager(*args)
         ctx.save_for_backward(x, weight, v, mean, rstd)
         ctx.bias_dtype = bias.dtype
         return y.to(x.dtype)
@@ -172,35 +396,16 @@ class EvoNormSampleFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             f = rstd.dtype
             xs = x.contiguous().to(f)
-            gy = grad_y.contiguous().to(f)
-            n, c, h, w = xs.shape
-            groups = rstd.shape[1]
-            w_c = weight.to(f).view(1, c)
-            rstd_c = rstd.repeat_interleave(c // groups, dim=1)  # (N, C)
-            grad_v = None
-            if v is None:  # numerator silu(x)
-                num = F.silu(xs)
-                sum_gy, dot_gy_num = _sum_and_dot(gy, num)
-                grad_bias = sum_gy.sum(0)
-                g_num = torch.ops.aten.silu_backward(gy, xs)  # gy * d silu(x) / dx
-            else:  # numerator x * sigmoid(z), z = v x: d/dx = silu'(z), d/dv = x^2 s (1 - s)
-                z = xs * _c(v.to(f))
-                s = torch.sigmoid(z)
-                gy_x = gy * xs
-                _, dot_gy_num = _sum_and_dot(gy_x, s)
-                grad_bias = gy.sum((0, 2, 3))
-                _, dot_v = _sum_and_dot(torch.ops.aten.sigmoid_backward(gy_x, s), xs)
-                grad_v = (w_c * rstd_c * dot_v).sum(0).to(v.dtype)
-                g_num = torch.ops.aten.silu_backward(gy, z)
-            # rstd = (stat + eps)^-1/2 with d stat / dx = 2 (x - mean) / M (variance) or 2 x / M (second moment)
-            g_rstd = (w_c * dot_gy_num).view(n, groups, -1).sum(2)
-            k1 = -g_rstd * rstd.pow(3) / (c // groups * h * w)
-            k0 = torch.zeros_like(k1) if mean is None else -k1 * mean
-            repeat = c // groups
-            grad_x = torch.addcmul(_nc(k0.repeat_interleave(repeat, 1)), xs, _nc(k1.repeat_interleave(repeat, 1)))
-            grad_x.addcmul_(g_num, _nc(w_c * rstd_c))
-        return (grad_x.to(x.dtype), (rstd_c * dot_gy_num).sum(0).to(weight.dtype), grad_bias.to(ctx.bias_dtype),
-                grad_v, None, None, None)
+            w = weight.to(f)
+            coefficients = partial(_sample_coefficients, mean, rstd, w, xs.shape[2] * xs.shape[3])
+            args = (xs, grad_y.contiguous().to(f), None if v is None else _c(v.to(f)),
+                    _c(w) * _nc(_per_channel(rstd, xs.shape[1])), coefficients)
+            grads = _sample_backward_compiled(*args) if _use_compiled(xs) else None
+            if grads is None:
+                grads = _sample_backward_eager(*args)
+        grad_x, grad_weight, grad_bias, grad_v = grads
+        return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
+                None if v is None else grad_v.to(v.dtype), None, None, None)
 
 
 def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: torch.Tensor | None,

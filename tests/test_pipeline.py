@@ -67,7 +67,7 @@ def test_resume_continues_step_count(compose_cfg, tmp_path):
 
 
 def test_csv_logger_writes_metrics(compose_cfg, tmp_path):
-    run(compose_cfg("logger=csv"))
+    run(compose_cfg("logger=csv", "trainer.log_every_n_steps=1"))
     metrics = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/acc1" in metrics
 

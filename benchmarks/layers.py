@@ -1,0 +1,238 @@
+"""Norm-act layer benchmark: forward, forward+backward time and bytes saved for backward, as ratios to BN-ReLU.
+
+All layers of one shape run in one process, interleaved (one call of each layer per round), so load from other
+processes hits them alike: compare the ratios, not the absolute times, across runs. Layers: every name of
+``evonorm.NORM_ACT_NAMES`` (EvoNorms as ``impl="fast"`` under the torch.compile policy ``--compile``, as
+"fast-eager" with compilation off, and as ``impl="reference"``) and timm's EvoNorm2d* when timm is installed, all in
+training mode. "fwd" is a training forward (autograd graph recorded), "fwd+bwd" adds the backward of a fixed random
+output gradient; times are medians over the rounds. "saved" is the bytes of the distinct tensor storages autograd
+keeps for backward (parameters and buffers excluded) divided by the input's bytes.
+
+On Linux the benchmark stops glibc from handing freed memory back to the OS (``mallopt``; ``--malloc-trim`` keeps
+the default): otherwise a loop over one layer pays page faults for all its buffers again each iteration, and which
+layer pays depends on the heap layout, which swung ratios by 2x between identical runs. Long-running training
+processes and caching allocators (CUDA, jemalloc) keep their memory too.
+
+    python benchmarks/layers.py                                  # default shapes, JSON in benchmarks/results/
+    python benchmarks/layers.py --quick                          # tiny smoke run
+    python benchmarks/layers.py --shapes 32x64x56x56 --layers bn_relu,b0,s0
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import evonorm  # noqa: E402
+from evonorm import fused  # noqa: E402
+
+try:
+    import timm
+    import timm.layers
+except ImportError:
+    timm = None
+
+EVONORM_NAMES = ("b0", "b1", "b2", "s0", "s1", "s2")
+BASELINE = ("bn_relu", "torch")
+SHAPE_PRESETS = {
+    # ResNet-50 bottleneck widths per stage (56, 28, 14, 7) at batch 32 and 8.
+    "r50": ["32x64x56x56", "32x128x28x28", "32x256x14x14", "32x512x7x7",
+            "8x64x56x56", "8x128x28x28", "8x256x14x14", "8x512x7x7"],
+    "det": ["2x256x100x152"],  # FPN head on the stride-8 level of an 800x1216 image, batch 2
+    "biggan": ["8x192x64x64"],  # BigGAN 128x128 generator (ch 96) at its 64x64 block
+    "target": ["32x64x56x56"],
+    "quick": ["4x32x8x8"],
+}
+SHAPE_PRESETS["default"] = SHAPE_PRESETS["r50"] + SHAPE_PRESETS["det"] + SHAPE_PRESETS["biggan"]
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory instead of trimming it (False where that is not possible)."""
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in (
+        (m_mmap_threshold, 32 << 20),  # glibc's maximum: larger blocks are always mapped fresh
+        (m_trim_threshold, 2**31 - 1),
+        (m_top_pad, 256 << 20),
+    ))
+
+
+def parse_shapes(spec: str) -> list[tuple[int, ...]]:
+    names = []
+    for item in spec.split(","):
+        names += SHAPE_PRESETS.get(item, [item])
+    shapes = [tuple(int(d) for d in name.split("x")) for name in names]
+    if any(len(s) != 4 for s in shapes):
+        raise SystemExit(f"shapes must be presets {sorted(SHAPE_PRESETS)} or NxCxHxW, got {spec!r}")
+    return shapes
+
+
+def layer_cases(names: list[str]) -> list[tuple[str, str]]:
+    """(name, impl) pairs: "fast"/"fast-eager"/"reference" for our EvoNorms, "torch" for baselines, "timm"."""
+    cases = []
+    for name in names:
+        if name in EVONORM_NAMES:
+            cases += [(name, "fast"), (name, "fast-eager"), (name, "reference")]
+            if timm is not None:
+                cases.append((name, "timm"))
+        else:
+            cases.append((name, "torch"))
+    return cases
+
+
+def build(name: str, impl: str, channels: int, device: torch.device) -> torch.nn.Module:
+    if impl == "timm":
+        layer = getattr(timm.layers, f"EvoNorm2d{name.upper()}")(channels)
+    elif impl == "torch":
+        layer = evonorm.norm_act(name, channels)
+    else:
+        layer = evonorm.norm_act(name, channels, impl=impl.removesuffix("-eager"))
+    return layer.to(device).train()
+
+
+def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for one forward, without the layer's parameters and buffers."""
+    own = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(seen.values())
+
+
+def bench_shape(shape, cases, device, repeats, budget_s, compile_mode):
+    """Median fwd and fwd+bwd times (ms) and saved bytes of each case on one shape, rounds interleaved."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(device)
+    layers, rows = {}, {}
+
+    def select_compile(case):
+        fused.set_compile("off" if case[1] == "fast-eager" else compile_mode)
+
+    for case in cases:
+        try:
+            layers[case] = build(*case, shape[1], device)
+        except Exception as err:  # e.g. timm's S-series when C is not divisible by its groups
+            print(f"  skip {case[0]}/{case[1]} on {shape}: {err}", file=sys.stderr)
+            continue
+        select_compile(case)
+        rows[case] = {"fwd": [], "fwd_bwd": [], "saved_bytes": saved_bytes(layers[case], x)}
+
+    def forward(layer):
+        layer(x)
+
+    def forward_backward(layer):
+        x.grad = None
+        layer(x).backward(grad)
+
+    def timed(fn, case):
+        select_compile(case)
+        sync()
+        start = time.perf_counter()
+        fn(layers[case])
+        sync()
+        return (time.perf_counter() - start) * 1e3
+
+    for case in layers:  # warm-up (the first fast call of a kernel may compile it), then time one round
+        timed(forward_backward, case)
+    round_s = sum(timed(forward_backward, case) for case in layers) / 1e3
+    rounds = max(3, min(repeats, int(budget_s / max(2 * round_s, 1e-9))))  # fwd + fwd_bwd: < 2 fwd_bwd
+    for _ in range(rounds):
+        for case in layers:
+            rows[case]["fwd"].append(timed(forward, case))
+            rows[case]["fwd_bwd"].append(timed(forward_backward, case))
+    input_bytes = x.numel() * x.element_size()
+    results = []
+    for (name, impl), row in rows.items():
+        results.append({
+            "layer": name, "impl": impl, "shape": list(shape), "rounds": rounds,
+            "fwd_ms": statistics.median(row["fwd"]), "fwd_bwd_ms": statistics.median(row["fwd_bwd"]),
+            "saved_bytes": row["saved_bytes"], "saved_ratio": row["saved_bytes"] / input_bytes,
+        })
+    base = next((r for r in results if (r["layer"], r["impl"]) == BASELINE), None)
+    for r in results:
+        r["fwd_ratio"] = r["fwd_ms"] / base["fwd_ms"] if base else None
+        r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"] if base else None
+    return results
+
+
+def print_table(results):
+    print(f"{'layer':8} {'impl':10} {'shape':>15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x bn_relu':>9} {'saved/in':>8}")
+    for r in results:
+        ratio = "" if r["fwd_bwd_ratio"] is None else f"{r['fwd_bwd_ratio']:.2f}"
+        print(f"{r['layer']:8} {r['impl']:10} {'x'.join(map(str, r['shape'])):>15} {r['fwd_ms']:9.2f} "
+              f"{r['fwd_bwd_ms']:11.2f} {ratio:>9} {r['saved_ratio']:8.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default="default",
+                        help=f"comma-separated presets ({', '.join(SHAPE_PRESETS)}) or NxCxHxW shapes")
+    parser.add_argument("--layers", default=",".join(evonorm.NORM_ACT_NAMES),
+                        help="comma-separated layer names (bn_relu is always added as the baseline)")
+    parser.add_argument("--repeats", type=int, default=20, help="most timed rounds per shape")
+    parser.add_argument("--budget", type=float, default=12.0,
+                        help="seconds of timed rounds per shape; large shapes get fewer rounds (at least 3)")
+    parser.add_argument("--compile", default="auto", choices=fused.COMPILE_MODES,
+                        help="torch.compile policy of the impl=fast rows (evonorm.fused.set_compile)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="output path (default benchmarks/results/layers-<device>.json)")
+    parser.add_argument("--malloc-trim", action="store_true",
+                        help="leave glibc's trimming of freed memory on (see above)")
+    parser.add_argument("--quick", action="store_true", help="tiny shape, 3 rounds: a smoke run of a few seconds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.repeats, args.budget = "quick", 3, 0.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kept_memory = not args.malloc_trim and keep_freed_memory()
+    device = torch.device(args.device)
+    names = args.layers.split(",")
+    unknown = set(names) - set(evonorm.NORM_ACT_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown layers {sorted(unknown)}; valid: {', '.join(evonorm.NORM_ACT_NAMES)}")
+    cases = layer_cases([BASELINE[0]] + [n for n in names if n != BASELINE[0]])
+
+    results = []
+    for shape in parse_shapes(args.shapes):
+        print(f"shape {shape} ...", file=sys.stderr, flush=True)
+        results += bench_shape(shape, cases, device, args.repeats, args.budget, args.compile)
+    print_table(results)
+
+    path = args.json or Path(__file__).resolve().parent / "results" / f"layers-{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": getattr(timm, "__version__", None),
+        "python": platform.python_version(), "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "baseline": "/".join(BASELINE), "compile": args.compile, "malloc_keeps_freed_memory": kept_memory,
+    }
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

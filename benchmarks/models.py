@@ -1,0 +1,142 @@
+"""Model benchmark: one training step (forward, backward, SGD step) of a classification model per norm-act layer.
+
+Reports the median step time, peak memory of the step and the bytes autograd saves for backward, each as a ratio
+to BN-ReLU measured in the same invocation. Every case runs in its own child process, so that its peak memory is
+its own: CUDA ``max_memory_allocated``, or on CPU the rise of the peak resident set size over the process's size
+before the first step. Children run one after another in ``--passes`` interleaved passes; the median is reported.
+
+    python benchmarks/models.py                                   # ResNet-50, bn_relu/gn_relu/b0/s0, batch 16
+    python benchmarks/models.py --layers bn_relu,s0 --batch 8 --size 160
+    python benchmarks/models.py --quick                           # tiny smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+import evonorm  # noqa: E402
+from benchmarks.layers import EVONORM_NAMES, saved_bytes  # noqa: E402
+from tasks.classification.models import build_model  # noqa: E402
+
+BASELINE = ("bn_relu", "torch")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str) -> dict:
+    """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes."""
+    dev = torch.device(device)
+    kwargs = {"impl": impl} if impl != "torch" else {}
+    model = build_model(arch, evonorm.norm_act_factory(layer, **kwargs), 1000).to(dev).train()
+    optimizer = torch.optim.SGD(evonorm.param_groups_weight_decay(model, 1e-4), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    saved = saved_bytes(model, x)
+    base_rss = rss_bytes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_cuda = torch.cuda.memory_allocated(dev)
+    times = []
+    for i in range(steps + 1):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i:  # the first step warms up
+            times.append((time.perf_counter() - start) * 1e3)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base_cuda
+    else:
+        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss)
+    return {"step_ms": statistics.median(times), "peak_bytes": peak, "saved_bytes": saved}
+
+
+def cases(layers: list[str]) -> list[tuple[str, str]]:
+    out = [BASELINE]
+    for name in layers:
+        if name in EVONORM_NAMES:
+            out += [(name, "fast"), (name, "reference")]
+        elif (name, "torch") != BASELINE:
+            out.append((name, "torch"))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="preact_resnet50")
+    parser.add_argument("--layers", default="bn_relu,gn_relu,b0,s0")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per child, after one warm-up step")
+    parser.add_argument("--passes", type=int, default=1, help="passes over all cases, interleaved")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="output path (default benchmarks/results/models-<arch>-<device>.json)")
+    parser.add_argument("--quick", action="store_true", help="tiny model input, a smoke run of a few seconds")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(**json.loads(args.child))))
+        return None
+    if args.quick:
+        args.arch, args.batch, args.size, args.steps = "preact_resnet_cifar", 4, 32, 1
+    unknown = set(args.layers.split(",")) - set(evonorm.NORM_ACT_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown layers {sorted(unknown)}; valid: {', '.join(evonorm.NORM_ACT_NAMES)}")
+
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.passes):
+        for layer, impl in cases(args.layers.split(",")):
+            spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
+                        steps=args.steps, device=args.device)
+            print(f"{layer}/{impl} ...", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                 text=True, check=True)
+            runs.setdefault((layer, impl), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    results = [{"layer": layer, "impl": impl, **{k: statistics.median(r[k] for r in rs) for k in rs[0]}}
+               for (layer, impl), rs in runs.items()]
+    base = results[0]
+    for r in results:
+        for key in ("step_ms", "peak_bytes", "saved_bytes"):
+            r[key.split("_")[0] + "_ratio"] = r[key] / base[key] if base[key] else None
+    print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, ratios to bn_relu:")
+    print(f"{'layer':8} {'impl':9} {'step ms':>9} {'x':>6} {'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6}")
+    for r in results:
+        fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"{r['layer']:8} {r['impl']:9} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
+              f"{r['peak_bytes'] / 2**20:9.1f} {fmt(r['peak_ratio']):>6} {r['saved_bytes'] / 2**20:9.1f} "
+              f"{fmt(r['saved_ratio']):>6}")
+    path = args.json or ROOT / "benchmarks" / "results" / f"models-{args.arch}-{args.device}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": args.arch, "batch": args.batch, "size": args.size, "device": args.device,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

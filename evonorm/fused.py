@@ -14,8 +14,10 @@ element-wise parts in backward and use analytic gradients (derived in the ``*_co
   * ``*_eager``: one ATen kernel per step, in place in at most two temporaries. On CPU a fresh input-sized buffer
     costs more than the arithmetic done in it, per-(n, c) sums of products come from the batch-norm backward
     reduction (no product tensor) and branch masks use ``threshold_backward`` (boolean masks are slow).
-  ``set_compile`` / ``EVONORM_COMPILE`` choose (``COMPILE_MODES``); a failed compilation warns once and falls back to
-  the eager stages.
+  * Triton (``evonorm.triton_kernels``, imported on first use): hand-written twins of the plain stages, used for
+    float32 CUDA inputs (half inputs are float32 by then) unless compilation is "off".
+  ``set_compile`` / ``EVONORM_COMPILE`` choose (``COMPILE_MODES``); a failed compilation or Triton launch (or a
+  missing triton) warns once and falls back to the eager stages.
 - Half inputs: statistics and arithmetic in float32, output and input gradient in the input dtype.
 - Backward is first-order only (``once_differentiable``): use ``impl="reference"`` for double backward.
 """
@@ -36,23 +38,37 @@ aten = torch.ops.aten
 
 BATCH_VARIANTS = ("b0", "b1", "b2")
 # auto: compile for float32 CPU inputs of at least COMPILE_MIN_NUMEL elements (a compile costs seconds once per
-# process and stage, so tests and small maps stay eager); on: always (any device, float32); off: never.
+# process and stage, so tests and small maps stay eager); on: always (any device, float32); off: never. Float32 CUDA
+# inputs take the Triton stages instead unless the mode is off (so "off" benchmarks the eager stages there too).
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_MIN_NUMEL = 1 << 20
 _compile_state: dict = {"mode": os.environ.get("EVONORM_COMPILE", "auto"), "failed": False, "kernels": {}}
+# force: Triton stages for CPU tensors too, for tests under the Triton interpreter (TRITON_INTERPRET=1).
+_triton_state: dict = {"failed": False, "force": False}
 
 
 def set_compile(mode: str) -> None:
-    """Choose when the input-sized stages go through torch.compile (``COMPILE_MODES``)."""
+    """Choose when the input-sized stages go through torch.compile or Triton (``COMPILE_MODES``)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     _compile_state["mode"] = mode
 
 
-def _use_compiled(x: torch.Tensor) -> bool:
+def _compile_mode() -> str:
     mode = _compile_state["mode"]
     if mode not in COMPILE_MODES:
         raise ValueError(f"EVONORM_COMPILE must be one of {COMPILE_MODES}, got {mode!r}")
+    return mode
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if _compile_mode() == "off" or torch.compiler.is_compiling() or _triton_state["failed"]:
+        return False  # inside a user's torch.compile the plain stages are traced instead
+    return x.dtype == torch.float32 and (x.is_cuda or _triton_state["force"])
+
+
+def _use_compiled(x: torch.Tensor) -> bool:
+    mode = _compile_mode()
     if torch.compiler.is_compiling():  # inside a user's torch.compile: it traces and fuses the plain stages
         return True
     if mode == "off" or _compile_state["failed"] or x.dtype != torch.float32:
@@ -74,6 +90,25 @@ def _run_compiled(stage: Callable, *args):
                     type(err).__name__, err)
         _compile_state["failed"] = True
         return None
+
+
+def _run_triton(stage: Callable, *args):
+    """The Triton twin of a plain stage on the same arguments; None when triton is missing or the launch fails."""
+    try:
+        from . import triton_kernels
+        return getattr(triton_kernels, _TRITON_TWINS[stage])(*args)
+    except Exception as err:  # ImportError, no driver, compilation error, out of resources, ...
+        log.warning("evonorm: Triton stages failed, using the eager kernels from now on (%s: %s)",
+                    type(err).__name__, err)
+        _triton_state["failed"] = True
+        return None
+
+
+def _stage_runner(x: torch.Tensor) -> Callable | None:
+    """How to run the row-layout stages on x: _run_triton, _run_compiled, or None for the eager stages."""
+    if _use_triton(x):
+        return _run_triton
+    return _run_compiled if _use_compiled(x) else None
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
@@ -195,21 +230,20 @@ def _batch_grad_x_plain(x, gy, a, b, scale, k1, center, k0):
     return (gy / r - a * q_inst) * scale + k1 * (x - center) + k0
 
 
-def _batch_forward_compiled(buf, x, a, b, scale, bias):
-    y = _run_compiled(_batch_forward_plain, _rows(buf), _rows(x), *(_row_factor(t, x) for t in (a, b, scale, bias)))
+def _batch_forward_rows(run, buf, x, a, b, scale, bias):
+    y = run(_batch_forward_plain, _rows(buf), _rows(x), *(_row_factor(t, x) for t in (a, b, scale, bias)))
     return None if y is None else y.view_as(x)
 
 
-def _batch_backward_compiled(x, gy, a, b, scale, coefficients):
+def _batch_backward_rows(run, x, gy, a, b, scale, coefficients):
     x_rows, gy_rows = _rows(x), _rows(gy)
     a, b, scale = (_row_factor(t, x) for t in (a, b, scale))
-    sums = _run_compiled(_batch_sums_plain, x_rows, gy_rows, a, b)
+    sums = run(_batch_sums_plain, x_rows, gy_rows, a, b)
     if sums is None:
         return None
     sums = [s.view(x.shape[:2]) for s in sums]
     *stat_terms, grad_weight, grad_v = coefficients(sums)
-    grad_x = _run_compiled(_batch_grad_x_plain, x_rows, gy_rows, a, b, scale,
-                           *(_row_factor(t, x) for t in stat_terms))
+    grad_x = run(_batch_grad_x_plain, x_rows, gy_rows, a, b, scale, *(_row_factor(t, x) for t in stat_terms))
     return None if grad_x is None else (grad_x.view_as(x), grad_weight, sums[0].sum(0), grad_v)
 
 
@@ -249,7 +283,8 @@ class EvoNormBatchFn(torch.autograd.Function):
             batch_std = (batch_var + eps).sqrt()
             alpha, beta = _instance_term(variant, mean, var, _as(v, f), eps)
             args = buf, xs, alpha / _c(batch_std), beta / _c(batch_std), _c(weight.to(f) / batch_std), _c(bias.to(f))
-            y = _batch_forward_compiled(*args) if _use_compiled(xs) else None
+            run = _stage_runner(xs)
+            y = None if run is None else _batch_forward_rows(run, *args)
             if y is None:
                 y = _batch_forward_eager(*args)
         ctx.save_for_backward(x, weight, v, mean, var, batch_std)
@@ -270,7 +305,8 @@ class EvoNormBatchFn(torch.autograd.Function):
                                    xs.shape[2] * xs.shape[3])
             args = (xs, grad_y.contiguous().to(f), alpha / _c(batch_std), beta / _c(batch_std), _c(w / batch_std),
                     coefficients)
-            grads = _batch_backward_compiled(*args) if _use_compiled(xs) else None
+            run = _stage_runner(xs)
+            grads = None if run is None else _batch_backward_rows(run, *args)
             if grads is None:
                 grads = _batch_backward_eager(*args)
         grad_x, grad_weight, grad_bias, grad_v = grads
@@ -322,21 +358,21 @@ def _sample_grad_x_plain(x, gy, v, scale, k1, center, k0):
     return gy * (s + z * s * (1 - s)) * scale + k1 * (x - center) + k0  # d (x s) / dx = s + v x s (1 - s)
 
 
-def _sample_forward_compiled(buf, x, v, scale, bias):
-    y = _run_compiled(_sample_forward_plain, _rows(buf), _rows(x), _row_factor(v, x, 1.0), _row_factor(scale, x),
-                      _row_factor(bias, x))
+def _sample_forward_rows(run, buf, x, v, scale, bias):
+    y = run(_sample_forward_plain, _rows(buf), _rows(x), _row_factor(v, x, 1.0), _row_factor(scale, x),
+            _row_factor(bias, x))
     return None if y is None else y.view_as(x)
 
 
-def _sample_backward_compiled(x, gy, v, scale, coefficients):
+def _sample_backward_rows(run, x, gy, v, scale, coefficients):
     x_rows, gy_rows, v_rows = _rows(x), _rows(gy), _row_factor(v, x, 1.0)
-    sums = _run_compiled(_sample_sums_plain, x_rows, gy_rows, v_rows)
+    sums = run(_sample_sums_plain, x_rows, gy_rows, v_rows)
     if sums is None:
         return None
     sum_gy, dot_gy_num, dot_v = (s.view(x.shape[:2]) for s in sums)
     *stat_terms, grad_weight, grad_v = coefficients((sum_gy, dot_gy_num, None if v is None else dot_v))
-    grad_x = _run_compiled(_sample_grad_x_plain, x_rows, gy_rows, v_rows, _row_factor(scale, x),
-                           *(_row_factor(t, x) for t in stat_terms))
+    grad_x = run(_sample_grad_x_plain, x_rows, gy_rows, v_rows, _row_factor(scale, x),
+                 *(_row_factor(t, x) for t in stat_terms))
     return None if grad_x is None else (grad_x.view_as(x), grad_weight, sum_gy.sum(0), grad_v)
 
 
@@ -382,7 +418,8 @@ class EvoNormSampleFn(torch.autograd.Function):
                 mean = None
             scale = _c(weight.to(f)) * _nc(_per_channel(rstd, xs.shape[1]))
             args = buf, xs, None if v is None else _c(v.to(f)), scale, _c(bias.to(f))
-            y = _sample_forward_compiled(*args) if _use_compiled(xs) else None
+            run = _stage_runner(xs)
+            y = None if run is None else _sample_forward_rows(run, *args)
             if y is None:
                 y = _sample_forward_eager(*args)
         ctx.save_for_backward(x, weight, v, mean, rstd)
@@ -400,12 +437,19 @@ class EvoNormSampleFn(torch.autograd.Function):
             coefficients = partial(_sample_coefficients, mean, rstd, w, xs.shape[2] * xs.shape[3])
             args = (xs, grad_y.contiguous().to(f), None if v is None else _c(v.to(f)),
                     _c(w) * _nc(_per_channel(rstd, xs.shape[1])), coefficients)
-            grads = _sample_backward_compiled(*args) if _use_compiled(xs) else None
+            run = _stage_runner(xs)
+            grads = None if run is None else _sample_backward_rows(run, *args)
             if grads is None:
                 grads = _sample_backward_eager(*args)
         grad_x, grad_weight, grad_bias, grad_v = grads
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
                 None if v is None else grad_v.to(v.dtype), None, None, None)
+
+
+_TRITON_TWINS = {  # plain stage -> its twin in evonorm.triton_kernels
+    _batch_forward_plain: "batch_forward", _batch_sums_plain: "batch_sums", _batch_grad_x_plain: "batch_grad_x",
+    _sample_forward_plain: "sample_forward", _sample_sums_plain: "sample_sums", _sample_grad_x_plain: "sample_grad_x",
+}
 
 
 def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: torch.Tensor | None,

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Device check of the Triton stages (evonorm/triton_kernels.py) for a session with a GPU: CUDA tests, then the layer
+# and model benchmarks on CUDA. Logs and JSON go to $OUT when set (the device machine's result folder), else to
+# benchmarks/results. Each step has its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step
+# still leaves the others their time; the exit status is nonzero if any step failed or timed out.
+#
+#     bash benchmarks/gpu_check.sh                   # from the repository root or anywhere in it
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+limit="${STEP_TIMEOUT:-180}"
+mkdir -p "$out"
+failed=0
+
+step() {  # step NAME COMMAND...: run with the time limit, log to $out/NAME.log, remember a failure
+    local name="$1"
+    shift
+    echo "== $name: $*" | tee "$out/$name.log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc" | tee -a "$out/$name.log"
+    [ "$rc" -eq 0 ] || failed=1
+}
+
+step env python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+step tests python -m pytest tests/test_triton_kernels.py tests/test_fast_layers.py tests/test_layers.py -q \
+    -p no:cacheprovider -rs
+step layers python benchmarks/layers.py --device cuda --shapes target,r50 --json "$out/layers-cuda.json"
+step models python benchmarks/models.py --device cuda --batch 32 --json "$out/models-preact_resnet50-cuda.json"
+exit "$failed"

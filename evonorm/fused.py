@@ -111,6 +111,13 @@ def _stage_runner(x: torch.Tensor) -> Callable | None:
     return _run_compiled if _use_compiled(x) else None
 
 
+def _run_stages(rows_stages: Callable, eager_stages: Callable, x: torch.Tensor, args: tuple):
+    """The row-layout stages through the runner chosen for x; the eager stages when there is none or it fails."""
+    run = _stage_runner(x)
+    out = None if run is None else rows_stages(run, *args)
+    return eager_stages(*args) if out is None else out
+
+
 def _c(t: torch.Tensor) -> torch.Tensor:
     """(C,) -> (1, C, 1, 1)."""
     return t.view(1, -1, 1, 1)
@@ -283,10 +290,7 @@ class EvoNormBatchFn(torch.autograd.Function):
             batch_std = (batch_var + eps).sqrt()
             alpha, beta = _instance_term(variant, mean, var, _as(v, f), eps)
             args = buf, xs, alpha / _c(batch_std), beta / _c(batch_std), _c(weight.to(f) / batch_std), _c(bias.to(f))
-            run = _stage_runner(xs)
-            y = None if run is None else _batch_forward_rows(run, *args)
-            if y is None:
-                y = _batch_forward_eager(*args)
+            y = _run_stages(_batch_forward_rows, _batch_forward_eager, xs, args)
         ctx.save_for_backward(x, weight, v, mean, var, batch_std)
         ctx.variant, ctx.eps, ctx.training, ctx.bias_dtype = variant, eps, training, bias.dtype
         ctx.mark_non_differentiable(batch_var)
@@ -305,10 +309,7 @@ class EvoNormBatchFn(torch.autograd.Function):
                                    xs.shape[2] * xs.shape[3])
             args = (xs, grad_y.contiguous().to(f), alpha / _c(batch_std), beta / _c(batch_std), _c(w / batch_std),
                     coefficients)
-            run = _stage_runner(xs)
-            grads = None if run is None else _batch_backward_rows(run, *args)
-            if grads is None:
-                grads = _batch_backward_eager(*args)
+            grads = _run_stages(_batch_backward_rows, _batch_backward_eager, xs, args)
         grad_x, grad_weight, grad_bias, grad_v = grads
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
                 None if v is None else grad_v.to(v.dtype), None, None, None, None)
@@ -418,10 +419,7 @@ class EvoNormSampleFn(torch.autograd.Function):
                 mean = None
             scale = _c(weight.to(f)) * _nc(_per_channel(rstd, xs.shape[1]))
             args = buf, xs, None if v is None else _c(v.to(f)), scale, _c(bias.to(f))
-            run = _stage_runner(xs)
-            y = None if run is None else _sample_forward_rows(run, *args)
-            if y is None:
-                y = _sample_forward_eager(*args)
+            y = _run_stages(_sample_forward_rows, _sample_forward_eager, xs, args)
         ctx.save_for_backward(x, weight, v, mean, rstd)
         ctx.bias_dtype = bias.dtype
         return y.to(x.dtype)
@@ -437,10 +435,7 @@ class EvoNormSampleFn(torch.autograd.Function):
             coefficients = partial(_sample_coefficients, mean, rstd, w, xs.shape[2] * xs.shape[3])
             args = (xs, grad_y.contiguous().to(f), None if v is None else _c(v.to(f)),
                     _c(w) * _nc(_per_channel(rstd, xs.shape[1])), coefficients)
-            run = _stage_runner(xs)
-            grads = None if run is None else _sample_backward_rows(run, *args)
-            if grads is None:
-                grads = _sample_backward_eager(*args)
+            grads = _run_stages(_sample_backward_rows, _sample_backward_eager, xs, args)
         grad_x, grad_weight, grad_bias, grad_v = grads
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
                 None if v is None else grad_v.to(v.dtype), None, None, None)

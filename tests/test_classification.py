@@ -131,3 +131,9 @@ def test_imagefolder_reads_class_folders(tmp_path):
     data.setup()
     x, y = next(iter(data.train_dataloader()))
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+
+
+def test_cifar10_missing_says_where_to_put_it(tmp_path):
+    data = ClassificationData(name="cifar10", root=str(tmp_path))
+    with pytest.raises(DatasetError, match="cifar-10-batches-py"):
+        data.setup()

@@ -82,8 +82,12 @@ def load_fashion_mnist(root: str | None, download: bool = False):
     else:
         if download and root:
             from torchvision.datasets import FashionMNIST
-            for train in (True, False):
-                FashionMNIST(root, train=train, download=True)
+            try:
+                for train in (True, False):
+                    FashionMNIST(root, train=train, download=True)
+            except (OSError, RuntimeError) as e:
+                raise DatasetError(f"downloading Fashion-MNIST into {root} failed ({e}); without network, "
+                                   "`apt-get install dataset-fashion-mnist` or copy the IDX files there") from e
             return load_fashion_mnist(root)
         raise DatasetError(
             f"Fashion-MNIST not found in {', '.join(map(str, roots))}. Install it with "
@@ -108,9 +112,10 @@ def load_cifar10(root: str | None, download: bool = False):
     for train in (True, False):
         try:
             ds = CIFAR10(root, train=train, download=download)
-        except RuntimeError as e:
-            raise DatasetError(f"CIFAR-10 not found or corrupted in {root} ({e}). Put the extracted "
-                               "cifar-10-batches-py folder there, or add data.download=true with network access.")
+        except (OSError, RuntimeError) as e:
+            raise DatasetError(f"CIFAR-10 not found, corrupted or not downloadable in {root} ({e}). Put the "
+                               "extracted cifar-10-batches-py folder there, or add data.download=true with network "
+                               "access.") from e
         splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
     return tuple(splits)
 

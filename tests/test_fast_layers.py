@@ -2,7 +2,7 @@
 backward, half precision, edge cases, the torch.compile policy, and a smoke run of benchmarks/layers.py.
 
 The element-wise stages exist as eager kernels and as plain formulas for torch.compile; the ``stages`` fixture runs
-each test on both (the plain ones uncompiled: compiling costs seconds per kernel, see the slow test at the end).
+each test on both (the plain ones uncompiled: compiling costs seconds per kernel; one test compiles them all).
 """
 import copy
 import json
@@ -259,7 +259,6 @@ def test_failed_compile_falls_back_to_eager(monkeypatch, caplog):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", EVONORMS)
 def test_compiled_stages_match_reference(name, monkeypatch):
     monkeypatch.setitem(fused._compile_state, "mode", "on")

@@ -109,3 +109,8 @@ def test_killed_run_keeps_its_state(tmp_path):
     assert record["status"] == "failed" and record["error"].startswith("interrupted")
     assert "ckpt_path=" in record["error"] and record["steps"] >= 8
     assert (run_dir / "checkpoints" / "on_exception.ckpt").is_file()
+
+
+def test_mobilenet_v2_runs_on_the_default_data(compose_cfg, tmp_path):
+    record = run(compose_cfg("task.model.arch=mobilenet_v2", "task.model.width_mult=0.25", "norm=s0"))
+    assert record["status"] == "completed" and record["model"] == "mobilenet_v2"

@@ -148,17 +148,18 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(arch: str, norm_act: NormAct, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
-    """``arch``: preact_resnet18, preact_resnet50 (224 px), preact_resnet_cifar (28-32 px), mobilenet_v2."""
+def build_model(arch: str, norm_act: NormAct, num_classes: int, in_chans: int = 3, width: int = 16,
+                blocks_per_stage: int = 1, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
+    """``arch``: preact_resnet18, preact_resnet50 (224 px), preact_resnet_cifar (28-32 px; ``width``,
+    ``blocks_per_stage``), mobilenet_v2 (``width_mult``, ``dropout``)."""
     if arch == "preact_resnet18":
         return PreActResNet(PreActBasicBlock, [2, 2, 2, 2], [64, 128, 256, 512], norm_act, num_classes, in_chans)
     if arch == "preact_resnet50":
         return PreActResNet(PreActBottleneck, [3, 4, 6, 3], [64, 128, 256, 512], norm_act, num_classes, in_chans)
     if arch == "preact_resnet_cifar":
-        width, depth = kwargs.pop("width", 16), kwargs.pop("blocks_per_stage", 1)
-        return PreActResNet(PreActBasicBlock, [depth] * 3, [width, 2 * width, 4 * width], norm_act, num_classes,
-                            in_chans, stem="cifar", **kwargs)
+        return PreActResNet(PreActBasicBlock, [blocks_per_stage] * 3, [width, 2 * width, 4 * width], norm_act,
+                            num_classes, in_chans, stem="cifar")
     if arch == "mobilenet_v2":
-        return MobileNetV2(norm_act, num_classes, in_chans, **kwargs)
+        return MobileNetV2(norm_act, num_classes, in_chans, width_mult, dropout)
     raise ValueError(f"unknown arch {arch!r}; choose from preact_resnet18, preact_resnet50, "
                      "preact_resnet_cifar, mobilenet_v2")

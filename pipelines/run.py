@@ -83,6 +83,8 @@ def run(cfg: DictConfig) -> dict:
     write_record(output_dir, record)
     start, trainer, exit_code = time.time(), None, 1
     try:
+        if cfg.test_ckpt not in ("best", "last"):
+            raise ValueError(f"test_ckpt must be 'best' or 'last', got {cfg.test_ckpt!r}")
         pl.seed_everything(cfg.seed, workers=True)
         norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
         parts = build_task(cfg.task.name, cfg.task, norm_act)

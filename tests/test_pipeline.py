@@ -49,6 +49,12 @@ def test_failed_run_writes_record(compose_cfg, tmp_path):
     assert "Fashion-MNIST not found" in saved["error"] and "apt-get install dataset-fashion-mnist" in saved["error"]
 
 
+def test_bad_test_ckpt_is_rejected(compose_cfg, tmp_path):
+    with pytest.raises(ValueError, match="test_ckpt must be 'best' or 'last'"):
+        run(compose_cfg("test_ckpt=final"))
+    assert read_record(tmp_path)["status"] == "failed"
+
+
 def test_nan_loss_stops_with_clear_error(compose_cfg, tmp_path):
     with pytest.raises(FloatingPointError, match="lower learning rate"):
         run(compose_cfg("norm=bn_relu", "task.optim.lr=1e30", "task.optim.warmup_epochs=0"))

@@ -26,10 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import evonorm  # noqa: E402
-from benchmarks.layers import EVONORM_NAMES, saved_bytes  # noqa: E402
+from benchmarks.layers import BASELINE, EVONORM_NAMES, saved_bytes  # noqa: E402
 from tasks.classification.models import build_model  # noqa: E402
-
-BASELINE = ("bn_relu", "torch")
 
 
 def rss_bytes() -> int:

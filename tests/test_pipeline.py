@@ -1,7 +1,7 @@
 """The run pipeline end to end on tiny real data: every layer trains, records are written, failures and resume."""
 import json
-import subprocess
 import signal
+import subprocess
 import sys
 import time
 
@@ -10,6 +10,7 @@ import torch
 
 from evonorm import NORM_ACT_NAMES
 from pipelines.run import run
+from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
 
 RECORD_KEYS = {"status", "task", "norm", "model", "dataset", "seed", "test", "best_val", "steps", "epochs",
                "wall_time_s", "params", "git_commit", "error"}
@@ -86,7 +87,6 @@ def test_same_seed_same_result(compose_cfg, tmp_path):
 
 def test_ddp_with_hydra_on_cpu(tmp_path):
     """Two CPU processes (gloo): Lightning re-launches run.py inside the same Hydra run dir; rank 0 writes."""
-    from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
     run_dir = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "run.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -101,7 +101,6 @@ def test_ddp_with_hydra_on_cpu(tmp_path):
 
 def test_killed_run_keeps_its_state(tmp_path):
     """SIGTERM mid-training: the record says so, and a checkpoint to resume from is saved."""
-    from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "run.py", *SMOKE_OVERRIDES, "task.epochs=50", f"hydra.run.dir={run_dir}"],

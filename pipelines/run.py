@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
         pl.seed_everything(cfg.seed, workers=True)
         norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
         parts = build_task(cfg.task.name, cfg.task, norm_act)
-        record.update(model=parts.model, dataset=parts.dataset,
+        record.update(model=parts.model, dataset=parts.dataset, monitor=parts.monitor, mode=parts.mode,
                       params=sum(p.numel() for p in parts.module.parameters()))
         loggers = build_loggers(cfg, output_dir)
         best, checkpoint, callbacks = build_callbacks(cfg, output_dir, parts.monitor, parts.mode, bool(loggers))
@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> dict:
         tested = trainer.test(parts.module, datamodule=parts.datamodule, ckpt_path=test_ckpt, verbose=False)
         record["test"] = {k: float(v) for k, v in tested[0].items()}
         record["tested_checkpoint"] = checkpoint.best_model_path if test_ckpt else "last weights"
+        record.update(getattr(parts.module, "record_extras", dict)())  # task-specific entries of the record
         record["status"], exit_code = "completed", 0
     except BaseException as e:
         record.update(status="failed", error=describe_error(e, output_dir))

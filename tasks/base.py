@@ -1,4 +1,8 @@
-"""What every task hands the run pipeline."""
+"""What every task hands the run pipeline.
+
+A task's LightningModule may define ``record_extras() -> dict``: entries the pipeline adds to ``results.json``
+after testing (e.g. BigGAN's FID of the untrained generator).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,5 +16,5 @@ class TaskParts:
     datamodule: pl.LightningDataModule
     model: str  # architecture name, for the result record
     dataset: str
-    monitor: str  # validation metric that picks the best checkpoint
+    monitor: str  # validation metric that picks the best checkpoint; test/<same name> is the headline
     mode: str  # "max" or "min"

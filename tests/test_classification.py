@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import evonorm
-from tasks.classification.data import ClassificationData, DatasetError, random_crop_flip, read_idx
+from tasks.classification.data import ClassificationData, random_crop_flip
+from tasks.common.datasets import DatasetError, read_idx
 from tasks.classification.models import build_model
 
 ARCHS = ["preact_resnet18", "preact_resnet50", "preact_resnet_cifar", "mobilenet_v2"]

@@ -6,21 +6,16 @@ transforms in worker processes.
 """
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-FASHION_MNIST_FILES = {
-    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
-}
+from tasks.common.datasets import DatasetError, load_cifar10, load_fashion_mnist
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -38,86 +33,6 @@ DATASETS = {
     "fashion_mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), crop_padding=2),
     "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), crop_padding=4),
 }
-
-
-class DatasetError(RuntimeError):
-    """A dataset that is missing or unreadable; the message says how to get it."""
-
-
-# --- IDX (Fashion-MNIST) -------------------------------------------------------------------------------------
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped): magic 0x0000 08 <ndim>, big-endian int32 sizes, uint8 data."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise DatasetError(f"cannot read {path}: {e}; the file is damaged, get a fresh copy") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetError(f"{path} is not a uint8 IDX file (bad magic number); get a fresh copy")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int(s) for s in np.frombuffer(raw[4:header], dtype=">i4"))
-    if len(raw) - header != int(np.prod(shape)):
-        raise DatasetError(f"{path} is truncated: header says shape {shape}, the file holds "
-                           f"{len(raw) - header} values; get a fresh copy")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def find_idx(root: Path, stem: str) -> Path | None:
-    for folder in (root, root / "FashionMNIST" / "raw"):
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
-
-
-def load_fashion_mnist(root: str | None, download: bool = False):
-    roots = [Path(root).expanduser()] if root else [Path(d) for d in FASHION_MNIST_DIRS]
-    for r in roots:
-        paths = {k: find_idx(r, stem) for k, stem in FASHION_MNIST_FILES.items()}
-        if all(paths.values()):
-            break
-    else:
-        if download and root:
-            from torchvision.datasets import FashionMNIST
-            try:
-                for train in (True, False):
-                    FashionMNIST(root, train=train, download=True)
-            except (OSError, RuntimeError) as e:
-                raise DatasetError(f"downloading Fashion-MNIST into {root} failed ({e}); without network, "
-                                   "`apt-get install dataset-fashion-mnist` or copy the IDX files there") from e
-            return load_fashion_mnist(root)
-        raise DatasetError(
-            f"Fashion-MNIST not found in {', '.join(map(str, roots))}. Install it with "
-            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files "
-            "(train-images-idx3-ubyte.gz, ...) in a folder and pass data.root=<folder>; with network access, "
-            "data.root=<folder> data.download=true fetches them.")
-    arrays = {k: read_idx(p) for k, p in paths.items()}
-    for split in ("train", "test"):
-        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
-            raise DatasetError(f"Fashion-MNIST {split} images and labels differ in count in {r}")
-    as_images = lambda a: torch.from_numpy(a.copy()).unsqueeze(1)  # noqa: E731 - (N, 1, 28, 28) uint8
-    as_labels = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
-    return (as_images(arrays["train_images"]), as_labels(arrays["train_labels"]),
-            as_images(arrays["test_images"]), as_labels(arrays["test_labels"]))
-
-
-def load_cifar10(root: str | None, download: bool = False):
-    from torchvision.datasets import CIFAR10
-    if not root:
-        raise DatasetError("cifar10 needs data.root=<folder holding cifar-10-batches-py> (torchvision's layout)")
-    splits = []
-    for train in (True, False):
-        try:
-            ds = CIFAR10(root, train=train, download=download)
-        except (OSError, RuntimeError) as e:
-            raise DatasetError(f"CIFAR-10 not found, corrupted or not downloadable in {root} ({e}). Put the "
-                               "extracted cifar-10-batches-py folder there, or add data.download=true with network "
-                               "access.") from e
-        splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
-    return tuple(splits)
 
 
 # --- in-memory datasets and batch transforms ------------------------------------------------------------------

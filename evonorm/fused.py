@@ -153,12 +153,14 @@ def _sum_and_dot(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Per-(n, c) sum(a) and sum(a * b) over (H, W), each (N, C), in one pass without materializing a * b.
 
     The batch-norm backward reduction over an (1, N*C, H, W) view with mean 0 and inverse std 1 returns exactly these
-    as its bias and weight gradients.
+    as its bias and weight gradients. The weight (ones) must be given: CUDA allocates those gradients like the
+    weight and fails with "tensor does not have a device" without one (CPU does not care).
     """
     n, c, h, w = a.shape
     zeros = a.new_zeros(n * c)
+    ones = torch.ones_like(zeros)
     _, dot, total = aten.native_batch_norm_backward(
-        a.reshape(1, n * c, h, w), b.reshape(1, n * c, h, w), None, None, None, zeros, torch.ones_like(zeros),
+        a.reshape(1, n * c, h, w), b.reshape(1, n * c, h, w), ones, None, None, zeros, ones,
         True, 0.0, [False, True, True])
     return total.view(n, c), dot.view(n, c)
 

@@ -282,6 +282,48 @@ def test_cuda_matches_reference(name, dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
+def batch_norm_backward_weights(fn):
+    """The weight argument of every native_batch_norm_backward call that fn() makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        weights = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.native_batch_norm_backward.default:
+                self.weights.append(args[2])
+            return func(*args, **(kwargs or {}))
+
+    with Spy() as spy:
+        fn()
+    return spy.weights
+
+
+@pytest.mark.parametrize("name", ["b0", "s0", "s1"])
+def test_eager_sums_pass_a_weight_to_batch_norm_backward(name, monkeypatch):
+    """CUDA's native_batch_norm_backward allocates the weight and bias gradients like the weight, so a None weight
+    fails there ("tensor does not have a device"); CPU accepts it. The eager stages must pass one."""
+    monkeypatch.setitem(fused._compile_state, "mode", "off")
+    fast, ref = make_pair(name, 16)
+    x, grad_y = sample((4, 16, 5, 3)), sample((4, 16, 5, 3), seed=2)
+    got = []
+    weights = batch_norm_backward_weights(lambda: got.extend(run(fast, x, grad_y)))
+    assert weights and all(isinstance(w, torch.Tensor) and w.device == x.device for w in weights)
+    for a, b in zip(got, run(ref, x, grad_y)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", EVONORMS)
+def test_cuda_eager_stages_match_reference(name, monkeypatch):
+    """EVONORM_COMPILE=off (and every fallback after a failed Triton launch) on CUDA."""
+    monkeypatch.setitem(fused._compile_state, "mode", "off")
+    fast, ref = (layer.cuda() for layer in make_pair(name, 64))
+    x, grad_y = sample((8, 64, 14, 14)).cuda(), sample((8, 64, 14, 14), seed=2).cuda()
+    for got, want in zip(run(fast, x, grad_y), run(ref, x, grad_y)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
 def test_benchmark_quick_run_writes_json(tmp_path):
     out = tmp_path / "layers.json"
     proc = subprocess.run([sys.executable, "benchmarks/layers.py", "--quick", "--json", str(out)], cwd=REPO,

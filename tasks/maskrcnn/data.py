@@ -1,0 +1,216 @@
+"""COCO-format instance-segmentation data: any set by path, or the embedded generated ``fashion_scenes``.
+
+Read with torchvision's ``CocoDetection`` + ``wrap_dataset_for_transforms_v2`` (polygons or RLE to masks) and
+transforms v2. Category ids map to contiguous labels 1..K (0 is the background). Crowd regions and degenerate
+annotations (box under a pixel, empty mask) are dropped before training with a logged count; images without
+annotations stay as negatives.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.transforms import v2
+
+from tasks.common.datasets import DatasetError
+
+from .scenes import ensure_fashion_scenes
+
+log = logging.getLogger(__name__)
+TARGET_KEYS = ("image_id", "boxes", "masks", "labels")
+
+
+@dataclass
+class Split:
+    images: Path
+    annotations: Path
+
+
+def read_coco(split: Split) -> CocoDetection:
+    """``CocoDetection`` over ``split``, with errors that name the file at fault."""
+    if not split.annotations.is_file():
+        raise DatasetError(f"annotation file {split.annotations} not found; give task.data.<split>_ann=<instances "
+                           "JSON> (COCO format)")
+    if not split.images.is_dir():
+        raise DatasetError(f"image folder {split.images} not found; give task.data.<split>_images=<folder>")
+    try:
+        json.loads(split.annotations.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"annotation file {split.annotations} is not valid JSON ({e}); fix or regenerate "
+                           "it") from e
+    try:
+        dataset = CocoDetection(str(split.images), str(split.annotations))
+    except (KeyError, TypeError, AssertionError) as e:
+        raise DatasetError(f"annotation file {split.annotations} is not COCO instances format (missing or bad "
+                           f"{e}); it needs images, annotations and categories") from e
+    missing = [info["file_name"] for info in dataset.coco.imgs.values()
+               if not (split.images / info["file_name"]).is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} images listed in {split.annotations} are missing from {split.images}, "
+                           f"e.g. {split.images / missing[0]}")
+    return dataset
+
+
+def drop_unusable_annotations(dataset: CocoDetection, where: Path, keep_crowd: bool) -> int:
+    """Remove degenerate annotations (and crowd regions unless ``keep_crowd``: COCOeval uses them as ignore
+    regions) from the images' lists, which both loading and COCOeval read; returns how many went."""
+    dropped = 0
+    for image_id, anns in dataset.coco.imgToAnns.items():
+        info = dataset.coco.imgs[image_id]
+        keep = [a for a in anns if (keep_crowd or not a.get("iscrowd", 0)) and
+                well_formed(a, info["height"], info["width"])]
+        dropped += len(anns) - len(keep)
+        dataset.coco.imgToAnns[image_id] = keep
+    if dropped:
+        log.warning("%s: dropped %d %sdegenerate annotations (box under 1 px, empty or malformed segmentation)",
+                    where, dropped, "" if keep_crowd else "crowd or ")
+    return dropped
+
+
+def well_formed(ann: dict, height: int, width: int) -> bool:
+    x, y, w, h = ann.get("bbox", (0, 0, 0, 0))
+    seg = ann.get("segmentation")
+    if w < 1 or h < 1 or not seg:
+        return False
+    if isinstance(seg, list):  # polygons: each needs three points inside the image
+        return all(len(p) >= 6 and len(p) % 2 == 0 for p in seg)
+    return isinstance(seg, dict) and "counts" in seg and list(seg.get("size", ())) == [height, width]
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """(image float 3 x H x W in [0, 1], target with boxes, labels 1..K, masks, image_id) from a COCO set."""
+
+    def __init__(self, coco: CocoDetection, transforms: v2.Transform, label_of: dict[int, int],
+                 target_keys: tuple[str, ...] = TARGET_KEYS):
+        self.coco, self.label_of = coco, label_of
+        self.wrapped = wrap_dataset_for_transforms_v2(coco, target_keys=target_keys)
+        self.transforms = transforms
+
+    def __len__(self):
+        return len(self.wrapped)
+
+    def __getitem__(self, index):
+        image, target = self.wrapped[index]
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(image) if not isinstance(image, torch.Tensor)
+                                 else image)
+        size = tuple(image.shape[-2:])
+        if "boxes" not in target:  # an image without annotations: a negative
+            target.update(boxes=tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
+                          masks=tv_tensors.Mask(torch.zeros(0, *size, dtype=torch.uint8)),
+                          labels=torch.zeros(0, dtype=torch.int64))
+        else:
+            target["labels"] = torch.tensor([self.label_of[int(c)] for c in target["labels"]], dtype=torch.int64)
+        image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+class StepSampler(Sampler[int]):
+    """``steps_per_epoch x batch_size`` indices per epoch, walking seeded permutations of the whole set.
+
+    Makes a run step-based: every layer trains the same number of steps, and an "epoch" is a validation period.
+    """
+
+    def __init__(self, size: int, samples_per_epoch: int, seed: int):
+        self.size, self.samples, self.seed, self.epoch = size, samples_per_epoch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.samples
+
+    def __iter__(self):
+        start = self.epoch * self.samples
+        order = []
+        for rank in range(start // self.size, (start + self.samples - 1) // self.size + 1):
+            order.append(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + rank)))
+        offset = start - (start // self.size) * self.size
+        return iter(torch.cat(order)[offset:offset + self.samples].tolist())
+
+
+class DetectionData(pl.LightningDataModule):
+    """Train on the train split; validate on the first ``val_size`` val images, test on all of them."""
+
+    def __init__(self, name: str = "fashion_scenes", steps: int = 400, epochs: int = 1, batch_size: int = 4,
+                 eval_batch_size: int = 8, num_workers: int = 0, val_size: int | None = None, hflip: bool = True,
+                 train_images: str | None = None, train_ann: str | None = None, val_images: str | None = None,
+                 val_ann: str | None = None, generate: dict | None = None, fashion_root: str | None = None,
+                 cache_dir: str | None = None, seed: int = 0):
+        super().__init__()
+        self.name, self.steps, self.epochs = name, steps, epochs
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.val_size, self.seed = val_size, seed
+        self.splits = self.locate(name, train_images, train_ann, val_images, val_ann, generate or {}, fashion_root,
+                                  cache_dir)
+        self.train_coco = read_coco(self.splits["train"])
+        self.val_coco = read_coco(self.splits["val"])
+        categories = sorted(self.train_coco.coco.cats)
+        if sorted(self.val_coco.coco.cats) != categories:
+            raise DatasetError(f"train and val annotation files list different categories "
+                               f"({self.splits['train'].annotations}, {self.splits['val'].annotations})")
+        self.category_ids = categories  # label i (1..K) is category_ids[i - 1]
+        self.class_names = [self.train_coco.coco.cats[c]["name"] for c in categories]
+        drop_unusable_annotations(self.train_coco, self.splits["train"].annotations, keep_crowd=False)
+        drop_unusable_annotations(self.val_coco, self.splits["val"].annotations, keep_crowd=True)
+        label_of = {c: i + 1 for i, c in enumerate(categories)}
+        train_tf = [v2.RandomHorizontalFlip()] if hflip else []
+        as_float = [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1)]
+        self.train_set = DetectionDataset(self.train_coco, v2.Compose(train_tf + as_float), label_of)
+        # evaluation reads the images only (COCOeval takes the ground truth from the annotation file)
+        self.test_set = DetectionDataset(self.val_coco, v2.Compose(as_float[:1]), label_of, ("image_id",))
+        self.val_set = (Subset(self.test_set, range(min(val_size, len(self.test_set)))) if val_size
+                        else self.test_set)
+        log.info("%s: %d train images (%d annotations), %d val images (%d annotations; %d for in-training "
+                 "validation), %d categories", name, len(self.train_set), len(self.train_coco.coco.anns),
+                 len(self.test_set), len(self.val_coco.coco.anns), len(self.val_set), len(categories))
+
+    @staticmethod
+    def locate(name, train_images, train_ann, val_images, val_ann, generate, fashion_root, cache_dir):
+        if name == "fashion_scenes":
+            root = ensure_fashion_scenes(cache_dir, fashion_root, **generate)
+            return {s: Split(root / s, root / "annotations" / f"instances_{s}.json") for s in ("train", "val")}
+        if name == "coco":
+            given = {"train_images": train_images, "train_ann": train_ann, "val_images": val_images,
+                     "val_ann": val_ann}
+            unset = [k for k, v in given.items() if not v]
+            if unset:
+                raise DatasetError(f"data.name=coco needs {', '.join('task.data.' + k for k in unset)} (image "
+                                   "folders and COCO instances JSON files)")
+            return {"train": Split(Path(train_images).expanduser(), Path(train_ann).expanduser()),
+                    "val": Split(Path(val_images).expanduser(), Path(val_ann).expanduser())}
+        raise DatasetError(f"unknown detection dataset {name!r}; choose fashion_scenes (generated) or coco "
+                           "(any COCO-format set by path)")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.steps / self.epochs)
+
+    def train_dataloader(self):
+        # under DDP Lightning splits the sampler's indices over the processes: each takes steps_per_epoch batches
+        world = self.trainer.world_size if self.trainer else 1
+        sampler = StepSampler(len(self.train_set), self.steps_per_epoch * self.batch_size * world, self.seed)
+        return DataLoader(self.train_set, self.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=True)
+
+    def eval_loader(self, dataset):
+        return DataLoader(dataset, self.eval_batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return self.eval_loader(self.val_set)
+
+    def test_dataloader(self):
+        return self.eval_loader(self.test_set)
+

@@ -1,0 +1,225 @@
+"""Mask R-CNN task: every layer at every norm position, COCO data by path and generated, COCO AP, backbone
+transfer from a classification checkpoint, and results.json through the run pipeline. Tiny images and widths."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torchvision.io import write_png
+
+import evonorm
+from tasks.common.backbones import preact_resnet
+from tasks.common.datasets import DatasetError
+from tasks.maskrcnn.data import DetectionData, read_coco, Split
+from tasks.maskrcnn.evaluation import coco_ap
+from tasks.maskrcnn.model import BackboneCheckpointError, build_maskrcnn
+from tasks.maskrcnn.module import MaskRCNNModule
+from tasks.maskrcnn.scenes import ensure_fashion_scenes
+
+from conftest import CONF_DIR
+
+TINY_MODEL = dict(fpn_channels=16, head_channels=16, box_fc_dim=32, anchor_sizes=(8, 16, 32, 64, 128),
+                  train_sizes=(64,), test_size=64, max_size=64, rpn_pre_nms_top_n_train=100,
+                  rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,
+                  rpn_batch_size_per_image=32, box_batch_size_per_image=16, box_detections_per_img=10)
+TINY_OVERRIDES = ["task=maskrcnn", "logger=none", "trainer.enable_progress_bar=false",
+                  "trainer.num_sanity_val_steps=0", "task.steps=2", "task.data.batch_size=2",
+                  "task.data.eval_batch_size=4", "task.optim.num_drawn=2",
+                  *(f"task.model.{k}={list(v) if isinstance(v, tuple) else v}" for k, v in TINY_MODEL.items())]
+
+
+def tiny_batch(n=2, size=64, objects=True):
+    images = [torch.rand(3, size, size) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        masks = torch.zeros(1 if objects else 0, size, size, dtype=torch.uint8)
+        if objects:
+            masks[0, 10:40, 12:44] = 1
+        boxes = torch.tensor([[12.0, 10.0, 44.0, 40.0]]) if objects else torch.zeros(0, 4)
+        targets.append({"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64), "masks": masks})
+    return images, targets
+
+
+@pytest.mark.parametrize("norm", evonorm.NORM_ACT_NAMES)
+def test_every_layer_trains_and_evaluates(norm):
+    model = build_maskrcnn(evonorm.norm_act_factory(norm), num_classes=3, **TINY_MODEL)
+    norms = [m for m in model.modules() if isinstance(m, evonorm.factory.NORM_LAYER_TYPES)]
+    chosen = type(evonorm.norm_act(norm, 8))
+    # every norm position holds the chosen layer: 2 x 8 blocks + final + 3 level norms, 8 FPN convs, 8 head convs
+    assert len(norms) == 16 + 1 + 3 + 8 + 8 and all(isinstance(m, chosen) for m in norms)
+    assert all(not m.apply_act for m in model.backbone.fpn.modules() if isinstance(m, chosen))
+    model.train()
+    losses = model(*tiny_batch())
+    sum(losses.values()).backward()
+    assert set(losses) >= {"loss_classifier", "loss_mask", "loss_objectness"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        out = model(tiny_batch()[0])
+    assert set(out[0]) == {"boxes", "labels", "scores", "masks"}
+
+
+def test_norm_in_gives_standard_choice_elsewhere(caplog):
+    with caplog.at_level(logging.INFO):
+        model = build_maskrcnn(evonorm.norm_act_factory("s0"), 3, norm_in=["heads"], **TINY_MODEL)
+    assert model.norm_placement == {"backbone": "gn_relu", "fpn": "none", "heads": "s0"}
+    assert "backbone=gn_relu, fpn=none, heads=s0" in caplog.text
+    assert isinstance(model.backbone.body.final_norm, evonorm.baselines.GroupNormAct)
+    assert not any(isinstance(m, evonorm.factory.NORM_LAYER_TYPES) for m in model.backbone.fpn.modules())
+    with pytest.raises(ValueError, match="unknown positions"):
+        build_maskrcnn(evonorm.norm_act_factory("s0"), 3, norm_in=["neck"], **TINY_MODEL)
+
+
+def test_zero_roi_batches_keep_running_var_finite_and_empty_predictions_score_zero():
+    model = build_maskrcnn(evonorm.norm_act_factory("b0"), 3, **TINY_MODEL).train()
+    losses = model(*tiny_batch(objects=False))  # negatives only: no positive RoI reaches the mask head
+    sum(losses.values()).backward()
+    assert losses["loss_mask"].item() == 0 and torch.isfinite(sum(losses.values()))
+    running = [m.running_var for m in model.modules() if isinstance(m, evonorm.EvoNormB0)]
+    assert running and all(torch.isfinite(v).all() for v in running)
+    model.eval().roi_heads.score_thresh = 1.1  # nothing passes: the mask head sees zero RoIs
+    with torch.no_grad():
+        out = model(tiny_batch()[0])
+    assert all(len(o["boxes"]) == 0 for o in out)
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "height": 64, "width": 64}], "categories": [{"id": 1, "name": "a"}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "area": 81,
+                                     "iscrowd": 0, "segmentation": [[1, 1, 10, 1, 10, 10, 1, 10]]}]}
+    coco.createIndex()
+    assert set(coco_ap(coco, [], [1]).values()) == {0.0}
+
+
+def test_freeze_norm_stats_keeps_running_statistics():
+    model = build_maskrcnn(evonorm.norm_act_factory("bn_relu"), 3, freeze_norm_stats=True, **TINY_MODEL)
+    module = MaskRCNNModule(model, [1, 2], ["a", "b"]).train()
+    before = model.backbone.body.final_norm.running_var.clone()
+    model(*tiny_batch())
+    assert torch.equal(model.backbone.body.final_norm.running_var, before)
+    assert module.training and not model.backbone.body.final_norm.training
+
+
+def test_generated_scenes_are_valid_coco_and_deterministic(tmp_path):
+    params = dict(seed=3, image_size=64, num_train=6, num_val=12, max_items=3)
+    first = ensure_fashion_scenes(str(tmp_path / "a"), **params)
+    second = ensure_fashion_scenes(str(tmp_path / "b"), **params)
+    assert first.name == second.name and "s3-64px-6-12" in first.name
+    for split in ("train", "val"):
+        ann = f"annotations/instances_{split}.json"
+        assert (first / ann).read_text() == (second / ann).read_text()
+        assert (first / split / "000001.png").read_bytes() == (second / split / "000001.png").read_bytes()
+    other = ensure_fashion_scenes(str(tmp_path / "a"), **{**params, "seed": 4})
+    assert other != first  # the seed is part of the cache key
+    coco = COCO(str(first / "annotations/instances_val.json"))
+    assert len(coco.getImgIds()) == 12 and len(coco.getCatIds()) == 10 and coco.getAnnIds()
+    for ann in coco.loadAnns(coco.getAnnIds()):  # box from the mask, area of the mask
+        assert np.allclose(mask_utils.toBbox(ann["segmentation"]), ann["bbox"])
+        assert mask_utils.area(ann["segmentation"]) == ann["area"] > 0
+    as_predictions = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                       "segmentation": a["segmentation"], "score": 1.0} for a in coco.loadAnns(coco.getAnnIds())]
+    metrics = coco_ap(coco, as_predictions, coco.getImgIds())
+    assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP"] == pytest.approx(1.0)
+    data = DetectionData(steps=2, batch_size=2, cache_dir=str(tmp_path / "a"), generate=params)
+    image, target = data.train_set[0]
+    assert image.dtype == torch.float32 and target["masks"].shape[1:] == image.shape[1:]
+    assert len(target["boxes"]) == len(target["labels"]) == len(target["masks"])
+
+
+def write_foreign_coco(root, bad_annotation=False):
+    """A COCO-format set of real scikit-image photos with hand-made masks: polygons, RLE, a negative image,
+    a degenerate annotation."""
+    import skimage.data
+    import torch.nn.functional as F
+
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i, photo in enumerate(photos, start=1):
+        x = torch.from_numpy(photo).permute(2, 0, 1).float()[None]
+        write_png(F.interpolate(x, size=(64, 80), mode="bilinear")[0].to(torch.uint8), str(root / "images" /
+                                                                                             f"p{i}.png"))
+        images.append({"id": i, "file_name": f"p{i}.png", "height": 64, "width": 80})
+        if i == 4:
+            continue  # a negative
+        polygon = [[10, 10, 40, 12, 38, 44, 12, 40]]
+        mask = np.zeros((64, 80), np.uint8, order="F")
+        mask[20:50, 45:70] = 1
+        rle = mask_utils.encode(mask)
+        rle["counts"] = rle["counts"].decode()
+        anns += [{"id": len(anns) + 1, "image_id": i, "category_id": 7, "bbox": [10, 10, 30, 34], "area": 900,
+                  "iscrowd": 0, "segmentation": polygon},
+                 {"id": len(anns) + 2, "image_id": i, "category_id": 3, "bbox": [45, 20, 25, 30], "area": 750,
+                  "iscrowd": 0, "segmentation": rle}]
+    anns.append({"id": 99, "image_id": 1, "category_id": 3, "bbox": [5, 5, 0, 4], "area": 0, "iscrowd": 0,
+                 "segmentation": [[5, 5, 5, 9]]})  # degenerate: dropped with a logged count
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": 3, "name": "round"}, {"id": 7, "name": "square"}]}
+    path = root / "instances.json"
+    path.write_text(json.dumps(coco)[:-5] if bad_annotation else json.dumps(coco))
+    return path
+
+
+def test_foreign_coco_set_trains_and_evaluates_through_the_pipeline(tmp_path, caplog):
+    from pipelines.run import run
+
+    ann = write_foreign_coco(tmp_path / "coco")
+    out = tmp_path / "run"
+    paths = [f"task.data.{split}_{kind}={path}" for split in ("train", "val")
+             for kind, path in (("images", tmp_path / "coco" / "images"), ("ann", ann))]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY_OVERRIDES, "task.data.name=coco", *paths, "norm=s0",
+                                           f"output_dir={out}"])
+    with caplog.at_level(logging.WARNING):
+        record = run(cfg)
+    assert "dropped 1 crowd or degenerate annotations" in caplog.text
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["status"] == "completed" and saved["task"] == "maskrcnn" and saved["dataset"] == "coco"
+    assert saved["monitor"] == "val/segm_AP" and "val/segm_AP" in saved["best_val"]
+    for iou in ("bbox", "segm"):
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            assert 0.0 <= saved["test"][f"test/{iou}_{name}"] <= 1.0
+    assert saved["steps"] == 2 and saved["coco_eval"]["test"]["images"] == 4
+    assert saved["norm_placement"] == {"backbone": "s0", "fpn": "s0", "heads": "s0"}
+    assert record["test"] == saved["test"]
+    assert list((out / "images").glob("test-predictions-*.png"))
+
+
+def test_broken_json_and_missing_image_name_the_file(tmp_path):
+    ann = write_foreign_coco(tmp_path / "broken", bad_annotation=True)
+    with pytest.raises(DatasetError, match=f"{ann}.*not valid JSON"):
+        read_coco(Split(tmp_path / "broken" / "images", ann))
+    ann = write_foreign_coco(tmp_path / "ok")
+    (tmp_path / "ok" / "images" / "p2.png").unlink()
+    with pytest.raises(DatasetError, match="p2.png"):
+        read_coco(Split(tmp_path / "ok" / "images", ann))
+    with pytest.raises(DatasetError, match="nothing.json"):
+        read_coco(Split(tmp_path / "ok" / "images", tmp_path / "nothing.json"))
+
+
+def classification_checkpoint(tmp_path, arch, norm):
+    """What a task=classification run leaves: <run>/checkpoints/last.ckpt and <run>/results.json."""
+    from tasks.classification.module import ClassificationModule
+
+    run_dir = tmp_path / f"cls-{arch}-{norm}"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    module = ClassificationModule(preact_resnet(arch, evonorm.norm_act_factory(norm), 10), 10)
+    torch.save({"state_dict": module.state_dict()}, run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / "results.json").write_text(json.dumps({"task": "classification", "model": arch,
+                                                      "norm": {"name": norm}}))
+    return run_dir / "checkpoints" / "last.ckpt", module
+
+
+def test_backbone_from_classification_checkpoint(tmp_path):
+    ckpt, module = classification_checkpoint(tmp_path, "preact_resnet18", "b0")
+    model = build_maskrcnn(evonorm.norm_act_factory("b0"), 3, backbone_ckpt=str(ckpt), **TINY_MODEL)
+    assert torch.equal(model.backbone.body.stem[0].weight, module.model.stem[0].weight)
+    assert torch.equal(model.backbone.body.final_norm.v, module.model.final_norm.v)
+    with pytest.raises(BackboneCheckpointError, match=r"layer s0.*layer b0"):
+        build_maskrcnn(evonorm.norm_act_factory("b0"), 3, backbone_ckpt=str(
+            classification_checkpoint(tmp_path, "preact_resnet18", "s0")[0]), **TINY_MODEL)
+    with pytest.raises(BackboneCheckpointError, match=r"model preact_resnet_cifar.*preact_resnet18"):
+        build_maskrcnn(evonorm.norm_act_factory("b0"), 3, backbone_ckpt=str(
+            classification_checkpoint(tmp_path, "preact_resnet_cifar", "b0")[0]), **TINY_MODEL)

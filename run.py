@@ -1,13 +1,24 @@
 """Entry point: ``python run.py task=classification norm=b0`` (Hydra composes conf/config.yaml)."""
+import logging
+
 import hydra
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipelines.run import run  # after Hydra has parsed the command line: --help stays fast
+    from pipelines.run import RunDirConflict, run  # after Hydra has parsed the command line: --help stays fast
+    from pipelines.sweep import multirun_sweep_dir
 
-    run(cfg)
+    try:
+        run(cfg)
+    except Exception as e:
+        if multirun_sweep_dir() is None or isinstance(e, RunDirConflict):
+            raise
+        # a sweep goes on: the job's results.json says why it failed, the sweep's exit status counts failures
+        log.exception("job failed; the sweep goes on")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,37 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(super().forward(x))
 
 
+class SyncBatchNormAct2d(nn.SyncBatchNorm):
+    """BatchNormAct2d with batch statistics synchronised across DDP processes; made by ``convert_sync_batchnorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.num_features)
+        return self.act(super().forward(x))
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` that keeps BatchNormAct2d a norm + activation (torch's turns it
+    into a plain SyncBatchNorm and silently drops the activation). Parameters, buffers and the activation stay the
+    same objects; ``revert_sync_batchnorm`` undoes it."""
+    if type(module) is BatchNormAct2d:
+        module.__class__, module.process_group = SyncBatchNormAct2d, process_group
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, process_group))
+    return module
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Turn the SyncBatchNormAct2d layers of ``module`` back into BatchNormAct2d (plain SyncBatchNorm is left)."""
+    for layer in module.modules():
+        if type(layer) is SyncBatchNormAct2d:
+            layer.__class__ = BatchNormAct2d
+            del layer.process_group
+    return module
+
+
 class GroupNormAct(nn.GroupNorm):
     """GroupNorm (largest divisor of C <= groups) followed by an activation."""
 

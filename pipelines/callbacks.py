@@ -1,7 +1,9 @@
-"""Callbacks every task gets: a finite-loss guard and the best-validation record."""
+"""Callbacks every task gets: a finite-loss guard, the best-validation record, a crash checkpoint, a heartbeat."""
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -24,14 +26,44 @@ class FiniteLossCheck(pl.Callback):
 
 
 class CheckpointOnException(pl.Callback):
-    """Save the state of a run that crashes or is interrupted, so that it can be resumed (not after NaN)."""
+    """Save the state of a run that crashes or is interrupted, so that it can be resumed.
+
+    Not after NaN (the weights are broken) and not before the first training step (nothing to resume: a run that
+    fails in setup, e.g. a missing dataset, must not point the user to an untrained model). ``saved`` says whether
+    this run wrote the file.
+    """
 
     def __init__(self, path):
         self.path = path
+        self.saved = False
 
     def on_exception(self, trainer, pl_module, exception):
-        if not isinstance(exception, NonFiniteLossError):
+        if not isinstance(exception, NonFiniteLossError) and trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
+            self.saved = True
+
+
+class Heartbeat(pl.Callback):
+    """Calls ``beat()`` at most every ``interval_s`` seconds while batches run (training, validation, test), so
+    that the record of a killed run can be told from a live one."""
+
+    def __init__(self, beat: Callable[[], None], interval_s: float):
+        self.beat, self.interval_s = beat, interval_s
+        self.last = time.monotonic()
+
+    def _maybe_beat(self):
+        if time.monotonic() - self.last >= self.interval_s:
+            self.beat()
+            self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, *args):
+        self._maybe_beat()
+
+    def on_validation_batch_end(self, trainer, *args):
+        self._maybe_beat()
+
+    def on_test_batch_end(self, trainer, *args):
+        self._maybe_beat()
 
 
 class BestMetrics(pl.Callback):

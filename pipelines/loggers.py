@@ -8,6 +8,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from pipelines.sweep import multirun_sweep_dir
+
 
 def wandb_mode(configured: str | None) -> str:
     if configured:
@@ -24,10 +26,16 @@ def wandb_mode(configured: str | None) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.task.name}-{cfg.norm.name}-{cfg.seed}"
+    return f"{cfg.task.name}-{cfg.norm.name}-s{cfg.seed}"
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
+def run_group(cfg: DictConfig) -> str | None:
+    """The configured group, else the sweep's dir name for a job of a multirun (one group per sweep)."""
+    sweep_dir = multirun_sweep_dir()
+    return cfg.logger.group or (sweep_dir.name if sweep_dir else None)
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path, model: str) -> list[Logger]:
     kind = cfg.logger.name
     if kind == "none":
         return []
@@ -35,8 +43,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list[Logger]:
         return [CSVLogger(output_dir, name="csv", version="")]
     if kind == "wandb":
         logger = WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=cfg.logger.group,
-            tags=[cfg.task.name, cfg.norm.name, *cfg.logger.tags], save_dir=str(output_dir),
+            project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=run_group(cfg),
+            tags=[cfg.task.name, cfg.norm.name, model, *cfg.logger.tags], save_dir=str(output_dir),
             mode=wandb_mode(cfg.logger.mode),
         )
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

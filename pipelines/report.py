@@ -1,0 +1,373 @@
+"""The transfer report: how each norm-act layer does on every task, from the ``results.json`` records of sweeps.
+
+    python -m pipelines.report <sweep dir> [<sweep dir> ...] [--reference bn_relu] [--out DIR] [--wandb]
+
+Writes ``transfer.md``, ``transfer.csv`` and ``transfer.png`` (also at the end of every multirun, see
+pipelines/sweep.py). A task's headline is ``test/<its monitor without "val/">`` (top-1, mask AP, FID, ...) with the
+task's mode (higher or lower is better), read from the records, so a new task needs nothing here. The newest
+record wins per task, layer and seed; failed, dead (killed), running and missing runs are shown, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.records import RESULTS_FILE, effective_status, read_record
+
+log = logging.getLogger(__name__)
+NOT_COMPLETED = ("failed", "dead", "running", "missing", "no metric")
+NOISE_MARK, UNKNOWN_SPREAD_MARK = "≈", "?"
+
+
+@dataclass
+class Headline:
+    task: str
+    metric: str | None  # e.g. test/acc1; None when no record of the task names its monitor
+    mode: str = "max"
+
+    @property
+    def direction(self) -> str:
+        return "higher is better" if self.mode == "max" else "lower is better"
+
+
+@dataclass
+class Cell:
+    """One layer on one task: the headline of each completed seed and what happened to the other seeds."""
+    values: list[float] = field(default_factory=list)
+    outcomes: Counter = field(default_factory=Counter)
+    delta: float | None = None  # mean - reference mean, in the metric's units
+    within_noise: bool | None = None  # None: fewer than two seeds on one side, spread unknown
+    relative_gain_pct: float | None = None  # change vs the reference in %, positive = better (mode-aware)
+    rank: int | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def outcome_text(self) -> str:
+        return ", ".join(f"{self.outcomes[k]} {k}" for k in ("completed", *NOT_COMPLETED) if self.outcomes[k])
+
+
+@dataclass
+class TransferReport:
+    headlines: list[Headline]
+    norms: list[str]
+    cells: dict[tuple[str, str], Cell]  # (norm, task)
+    reference: str
+    seeds: list
+    messages: list[str]
+    runs: dict[str, dict]  # task -> mean steps, epochs, wall time of its completed runs
+
+    def cell(self, norm: str, task: str) -> Cell:
+        return self.cells[(norm, task)]
+
+    def mean_rank(self, norm: str) -> tuple[float | None, int]:
+        ranks = [self.cell(norm, h.task).rank for h in self.headlines if self.cell(norm, h.task).rank is not None]
+        return (statistics.fmean(ranks) if ranks else None), len(ranks)
+
+    def unfinished_count(self) -> int:
+        return sum(c.outcomes[k] for c in self.cells.values() for k in NOT_COMPLETED)
+
+
+def collect_records(dirs: list[Path]) -> list[dict]:
+    """Every record under ``dirs``, the newest per (task, layer, seed), with its effective status."""
+    newest: dict[tuple, dict] = {}
+    for root in dirs:
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{root} is not a directory; pass sweep dirs (e.g. outputs/multirun/<time>)")
+        for path in sorted(Path(root).rglob(RESULTS_FILE)):
+            record = read_record(path.parent)
+            if not record or "task" not in record or "norm" not in record:
+                continue
+            record["_status"] = effective_status(record)
+            record["_time"] = record.get("started_at") or path.stat().st_mtime
+            key = (record["task"], record["norm"]["name"], record.get("seed"))
+            if key not in newest or record["_time"] >= newest[key]["_time"]:
+                newest[key] = record
+    return list(newest.values())
+
+
+def in_order_of_first_run(records: list[dict], key) -> list[str]:
+    """Values in the order a sweep ran them (its grid order), not alphabetically."""
+    first: dict[str, float] = {}
+    for record in records:
+        first[key(record)] = min(first.get(key(record), record["_time"]), record["_time"])
+    return sorted(first, key=first.get)
+
+
+def task_headline(task: str, records: list[dict]) -> Headline:
+    named = [r for r in records if r["task"] == task and r.get("monitor")]
+    if not named:
+        return Headline(task, None)
+    latest = max(named, key=lambda r: r["_time"])
+    return Headline(task, "test/" + latest["monitor"].removeprefix("val/"), latest.get("mode") or "max")
+
+
+def rank_cells(cells: list[Cell], mode: str) -> None:
+    """Competition ranking (1 = best; ties share the better rank) over the cells that have a value."""
+    scored = [c for c in cells if c.mean is not None]
+    for c in scored:
+        c.rank = 1 + sum((o.mean > c.mean) if mode == "max" else (o.mean < c.mean) for o in scored)
+
+
+def compare_to_reference(cell: Cell, ref: Cell, mode: str) -> None:
+    if cell.mean is None or ref.mean is None:
+        return
+    cell.delta = cell.mean - ref.mean
+    if cell.std is not None and ref.std is not None:
+        cell.within_noise = abs(cell.delta) < max(cell.std, ref.std)
+    if ref.mean != 0:
+        cell.relative_gain_pct = 100 * cell.delta / abs(ref.mean) * (1 if mode == "max" else -1)
+
+
+def build_report(records: list[dict], reference: str = "bn_relu") -> TransferReport:
+    tasks = in_order_of_first_run(records, lambda r: r["task"])
+    norms = sorted(in_order_of_first_run(records, lambda r: r["norm"]["name"]), key=lambda n: n != reference)
+    seeds = sorted({r.get("seed") for r in records}, key=str)
+    headlines = [task_headline(t, records) for t in tasks]
+    cells = {(n, t): Cell() for n in norms for t in tasks}
+    by_key = {(r["norm"]["name"], r["task"], r.get("seed")): r for r in records}
+    messages = []
+    for h in headlines:
+        if h.metric is None:
+            messages.append(f"task {h.task}: no record names its monitor metric (records from before monitor/mode "
+                            "were recorded?), so it has no headline; re-run it with the current code")
+        for n in norms:
+            cell = cells[(n, h.task)]
+            for seed in seeds:
+                record = by_key.get((n, h.task, seed))
+                if record is None:
+                    cell.outcomes["missing"] += 1
+                elif record["_status"] != "completed":
+                    cell.outcomes[record["_status"]] += 1
+                elif h.metric is None or h.metric not in record.get("test", {}):
+                    cell.outcomes["no metric"] += 1
+                else:
+                    cell.outcomes["completed"] += 1
+                    cell.values.append(float(record["test"][h.metric]))
+        column = [cells[(n, h.task)] for n in norms]
+        rank_cells(column, h.mode)
+        if reference in norms:
+            for cell in column:
+                compare_to_reference(cell, cells[(reference, h.task)], h.mode)
+    with_values = [n for n in norms if any(cells[(n, t)].values for t in tasks)]
+    if reference not in with_values:
+        messages.append(f"reference layer {reference!r} has no completed run here, so there are no differences "
+                        f"to it; layers with results: {', '.join(with_values) or 'none'}. Pick one with "
+                        "--reference <layer> (or report.reference=<layer> in a sweep)")
+    else:
+        messages += [f"task {h.task}: the reference {reference!r} has no completed run, no differences shown"
+                     for h in headlines if h.metric and not cells[(reference, h.task)].values]
+    return TransferReport(headlines, norms, cells, reference, seeds, messages, runs_summary(records, tasks))
+
+
+def runs_summary(records: list[dict], tasks: list[str]) -> dict[str, dict]:
+    """The budget each task had, as run: mean steps, epochs and wall time of its completed records."""
+    summary = {}
+    for task in tasks:
+        done = [r for r in records if r["task"] == task and r["_status"] == "completed"]
+        if done:
+            summary[task] = {k: statistics.fmean(float(r.get(k) or 0) for r in done)
+                             for k in ("steps", "epochs", "wall_time_s")}
+    return summary
+
+
+def fmt(value: float | None, spec: str = ".4g") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def noise_mark(cell: Cell) -> str:
+    return UNKNOWN_SPREAD_MARK if cell.within_noise is None else NOISE_MARK if cell.within_noise else ""
+
+
+def delta_text(report: TransferReport, norm: str, cell: Cell) -> str:
+    if norm == report.reference:
+        return "ref"
+    return "n/a" if cell.delta is None else f"{cell.delta:+.3g}{noise_mark(cell)}"
+
+
+def heat_map_text(report: TransferReport, norm: str, cell: Cell) -> str:
+    if cell.mean is None:
+        return cell.outcome_text() or "missing"
+    if norm == report.reference:
+        return "reference"
+    return "n/a" if cell.relative_gain_pct is None else f"{cell.relative_gain_pct:+.1f}% {noise_mark(cell)}".strip()
+
+
+def mean_rank_text(report: TransferReport, norm: str) -> str:
+    mean_rank, ranked = report.mean_rank(norm)
+    if mean_rank is None:
+        return ""
+    return f"{mean_rank:.2f}" + ("" if ranked == len(report.headlines) else f" ({ranked} tasks)")
+
+
+def value_text(cell: Cell) -> str:
+    if cell.mean is None:
+        return cell.outcome_text() or "missing"
+    text = f"{cell.mean:.4g}" + (f" ± {cell.std:.2g}" if cell.std is not None else "") + f" (n={len(cell.values)})"
+    problems = ", ".join(f"{cell.outcomes[k]} {k}" for k in NOT_COMPLETED if cell.outcomes[k])
+    return text + (f"; {problems}" if problems else "")
+
+
+def markdown(report: TransferReport) -> str:
+    header = ["layer"]
+    for h in report.headlines:
+        header += [f"{h.task}: {h.metric or 'no headline'} ({h.direction})", f"Δ vs {report.reference}", "rank"]
+    header.append("mean rank")
+    lines = ["# Transfer report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for norm in report.norms:
+        row = [norm]
+        for h in report.headlines:
+            cell = report.cell(norm, h.task)
+            row += [value_text(cell), delta_text(report, norm, cell), fmt(cell.rank, "d")]
+        row.append(mean_rank_text(report, norm))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Mean ± sample std over seeds (n = completed seeds of {len(report.seeds)}: "
+                  f"{', '.join(map(str, report.seeds))}); rank 1 = best per task; Δ in the metric's units.",
+              f"{NOISE_MARK}: |Δ| is smaller than the larger seed std of the two layers: noise, not transfer. "
+              f"{UNKNOWN_SPREAD_MARK}: fewer than two seeds on one side, the seed spread is unknown.", ""]
+    for task, runs in report.runs.items():
+        lines.append(f"- {task}: {runs['steps']:.0f} steps, {runs['epochs']:.3g} epochs, "
+                     f"{runs['wall_time_s']:.0f} s per completed run (mean)")
+    lines += [f"\n**Note:** {m}" for m in report.messages]
+    return "\n".join(lines) + "\n"
+
+
+def table_rows(report: TransferReport) -> tuple[list[str], list[list]]:
+    columns = ["layer"]
+    for h in report.headlines:
+        columns += [f"{h.task}.{k}" for k in ("metric", "mode", "mean", "std", "n", "delta", "within_noise",
+                                                "relative_gain_pct", "rank", "outcomes")]
+    columns += ["mean_rank", "tasks_ranked"]
+    rows = []
+    for norm in report.norms:
+        row = [norm]
+        for h in report.headlines:
+            c = report.cell(norm, h.task)
+            row += [h.metric, h.mode, c.mean, c.std, len(c.values), c.delta, c.within_noise, c.relative_gain_pct,
+                    c.rank, c.outcome_text()]
+        rows.append(row + list(report.mean_rank(norm)))
+    return columns, rows
+
+
+def write_csv(report: TransferReport, path: Path) -> None:
+    columns, rows = table_rows(report)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+
+
+def write_png(report: TransferReport, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import SymLogNorm
+
+    tasks, norms = report.headlines, report.norms
+    fig = plt.figure(figsize=(max(7.0, 3.4 * len(tasks)), 3.2 + 0.45 * len(norms) + 3.4), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.0 + 0.14 * len(norms), 1.3])
+    gains = np.array([[report.cell(n, h.task).relative_gain_pct for h in tasks] for n in norms], dtype=float)
+    limit = max(1.0, float(np.nanmax(np.abs(gains))) if np.isfinite(gains).any() else 1.0)
+    ax = top.subplots()
+    # symmetric log colour scale: a 0.5% change in top-1 stays visible beside a 20% change in FID
+    colour_scale = SymLogNorm(linthresh=1.0, vmin=-limit, vmax=limit)
+    image = ax.imshow(np.ma.masked_invalid(gains), cmap="RdYlGn", norm=colour_scale, aspect="auto")
+    ax.set_facecolor("0.85")  # cells without a value
+    ax.set_xticks(range(len(tasks)), [f"{h.task}\n{h.metric or 'no headline'} ({h.direction})" for h in tasks])
+    ax.set_yticks(range(len(norms)), norms)
+    for i, norm in enumerate(norms):
+        for j, h in enumerate(tasks):
+            gain = report.cell(norm, h.task).relative_gain_pct
+            dark = gain is not None and abs(colour_scale(gain) - 0.5) > 0.35
+            ax.text(j, i, heat_map_text(report, norm, report.cell(norm, h.task)), ha="center", va="center",
+                    fontsize=9, color="white" if dark else "black")
+    top.colorbar(image, ax=ax, label=f"change vs {report.reference} (%, symlog), green = better")
+    ax.set_title(f"Relative change vs {report.reference} per task ({NOISE_MARK} within seed spread, "
+                 f"{UNKNOWN_SPREAD_MARK} one seed)")
+    for ax, h in zip(np.atleast_1d(bottom.subplots(1, len(tasks))), tasks):
+        cells = [report.cell(n, h.task) for n in norms]
+        means = [c.mean if c.mean is not None else np.nan for c in cells]
+        errors = [c.std or 0.0 for c in cells]
+        colors = ["0.55" if n == report.reference else "tab:blue" for n in norms]
+        ax.bar(range(len(norms)), np.nan_to_num(means), yerr=errors, color=colors, capsize=4)
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:  # zoom on the values: the differences are what matters
+            low, high = min(finite), max(finite)
+            pad = max(0.15 * (high - low), max(errors) * 1.5, 0.02 * abs(high) or 0.01)
+            ax.set_ylim(low - pad, high + pad)
+        for x, (cell, mean) in enumerate(zip(cells, means)):
+            if not np.isfinite(mean):
+                ax.text(x, 0.02, cell.outcome_text() or "missing", rotation=90, ha="center", va="bottom",
+                        transform=ax.get_xaxis_transform(), fontsize=8, color="tab:red")
+        ax.set_xticks(range(len(norms)), norms, rotation=30)
+        ax.set_title(f"{h.task}: {h.metric or 'no headline'}\n({h.direction}; mean ± std over seeds)", fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_to_wandb(report: TransferReport, out_dir: Path, logger_cfg) -> None:
+    """The table and the picture as one wandb run (job type ``report``) in the sweep's group."""
+    import wandb
+
+    from pipelines.loggers import wandb_mode
+
+    columns, rows = table_rows(report)
+    run = wandb.init(project=logger_cfg.get("project"), entity=logger_cfg.get("entity"),
+                     group=logger_cfg.get("group") or out_dir.name, name="transfer-report", job_type="report",
+                     mode=wandb_mode(logger_cfg.get("mode")), dir=str(out_dir))
+    try:
+        run.log({"transfer/table": wandb.Table(columns=columns, data=[[str(v) for v in r] for r in rows]),
+                 "transfer/chart": wandb.Image(str(out_dir / "transfer.png"))})
+    finally:
+        run.finish()
+
+
+def write_report(dirs: list[Path], out_dir: Path, reference: str = "bn_relu", wandb_logger=None) -> TransferReport:
+    report = build_report(collect_records([Path(d) for d in dirs]), reference)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "transfer.md").write_text(markdown(report))
+    write_csv(report, out_dir / "transfer.csv")
+    if report.headlines:
+        write_png(report, out_dir / "transfer.png")
+        if wandb_logger is not None:
+            log_to_wandb(report, out_dir, wandb_logger)
+    for message in report.messages:
+        log.warning(message)
+    log.info("transfer report: %s", out_dir / "transfer.md")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", type=Path, help="sweep (or run) dirs; every results.json below counts")
+    parser.add_argument("--reference", default="bn_relu", help="layer the others are compared to (bn_relu)")
+    parser.add_argument("--out", type=Path, help="where to write transfer.{md,csv,png} (default: the first dir)")
+    parser.add_argument("--wandb", action="store_true", help="also log the table to wandb (offline unless logged in)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = write_report(args.dirs, args.out or args.dirs[0], args.reference,
+                              {"project": "evonorm-transfer"} if args.wandb else None)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The transfer report from synthetic records: statistics, noise marks, missing/failed/dead runs, merged sweeps."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from pipelines.report import build_report, collect_records, main, write_report
+
+ACC, FID = ("val/acc1", "max"), ("val/fid_ema", "min")
+
+
+def write_run(root, name, task, norm, seed, value=None, *, headline=ACC, status="completed", started_at=None,
+              **extra):
+    monitor, mode = headline
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    test = {} if value is None else {"test/" + monitor.removeprefix("val/"): value, "test/loss": 1.0}
+    record = {"status": status, "task": task, "norm": {"name": norm, "kwargs": {}}, "seed": seed, "test": test,
+              "monitor": monitor, "mode": mode, "started_at": started_at or time.time(), "steps": 10, "epochs": 1,
+              "wall_time_s": 5.0, **extra}
+    (run_dir / "results.json").write_text(json.dumps(record))
+    return record
+
+
+def exited_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def read_csv(path):
+    with open(path) as f:
+        return {row["layer"]: row for row in csv.DictReader(f)}
+
+
+def test_one_seed_has_no_std_and_unknown_spread(tmp_path):
+    write_run(tmp_path, "a", "classification", "bn_relu", 0, 0.90)
+    write_run(tmp_path, "b", "classification", "s0", 0, 0.92)
+    report = write_report([tmp_path], tmp_path)
+    cell = report.cell("s0", "classification")
+    assert cell.std is None and cell.within_noise is None
+    assert cell.delta == pytest.approx(0.02) and cell.rank == 1
+    assert "0.92 (n=1)" in (tmp_path / "transfer.md").read_text()
+    assert "+0.02?" in (tmp_path / "transfer.md").read_text()
+    rows = read_csv(tmp_path / "transfer.csv")
+    assert rows["s0"]["classification.std"] == "" and rows["s0"]["classification.within_noise"] == ""
+    assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_difference_within_seed_spread_is_marked_noise(tmp_path):
+    for seed, (ref, small, large) in enumerate([(0.90, 0.91, 0.95), (0.92, 0.90, 0.97)]):
+        write_run(tmp_path, f"r{seed}", "classification", "bn_relu", seed, ref)
+        write_run(tmp_path, f"s{seed}", "classification", "s0", seed, small)
+        write_run(tmp_path, f"b{seed}", "classification", "b0", seed, large)
+    report = build_report(collect_records([tmp_path]))
+    assert report.cell("s0", "classification").within_noise is True  # |Δ| 0 < std 0.014
+    assert report.cell("b0", "classification").within_noise is False  # Δ 0.05 > std 0.014
+    assert report.cell("b0", "classification").std == pytest.approx(0.0141421, rel=1e-4)
+    md = write_report([tmp_path], tmp_path) and (tmp_path / "transfer.md").read_text()
+    assert "| b0 | 0.96 ± 0.014 (n=2) | +0.05 | 1 |" in md
+    assert "≈" in md.split("| s0 |")[1].split("\n")[0]
+
+
+def test_lower_is_better_metric_ranks_and_colours_the_right_way(tmp_path):
+    write_run(tmp_path, "a", "biggan", "bn_relu", 0, 100.0, headline=FID)
+    write_run(tmp_path, "b", "biggan", "s0", 0, 80.0, headline=FID)
+    report = build_report(collect_records([tmp_path]))
+    cell = report.cell("s0", "biggan")
+    assert report.headlines[0].metric == "test/fid_ema" and report.headlines[0].mode == "min"
+    assert cell.rank == 1 and cell.delta == pytest.approx(-20.0) and cell.relative_gain_pct == pytest.approx(20.0)
+
+
+def test_missing_reference_layer_says_what_to_do(tmp_path, capsys):
+    write_run(tmp_path, "a", "classification", "b0", 0, 0.90)
+    write_run(tmp_path, "b", "classification", "s0", 0, 0.92)
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "reference layer 'bn_relu' has no completed run" in out and "--reference" in out
+    assert "layers with results: b0, s0" in out
+    rows = read_csv(tmp_path / "transfer.csv")
+    assert rows["s0"]["classification.delta"] == "" and rows["s0"]["classification.rank"] == "1"
+    assert main([str(tmp_path), "--reference", "b0"]) == 0
+    assert read_csv(tmp_path / "transfer.csv")["s0"]["classification.delta"] != ""
+
+
+def test_two_sweep_dirs_merge_and_the_newest_record_wins(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_run(first, "a", "classification", "bn_relu", 0, 0.90, started_at=100.0)
+    write_run(first, "b", "classification", "s0", 0, 0.50, started_at=100.0)
+    write_run(second, "b", "classification", "s0", 0, 0.93, started_at=200.0)  # a later re-run of s0
+    write_run(second, "c", "maskrcnn", "bn_relu", 0, 0.20, headline=("val/segm_AP", "max"))
+    write_run(second, "d", "maskrcnn", "s0", 0, 0.25, headline=("val/segm_AP", "max"))
+    report = write_report([first, second], tmp_path)
+    assert [h.task for h in report.headlines] == ["classification", "maskrcnn"]
+    assert report.cell("s0", "classification").values == [0.93]
+    assert report.cell("s0", "maskrcnn").values == [0.25]
+    assert read_csv(tmp_path / "transfer.csv")["s0"]["mean_rank"] == "1.0"
+
+
+def test_failed_dead_running_and_missing_runs_are_shown(tmp_path):
+    write_run(tmp_path, "a", "classification", "bn_relu", 0, 0.90)
+    write_run(tmp_path, "b", "classification", "bn_relu", 1, 0.91)
+    write_run(tmp_path, "c", "classification", "s0", 0, status="failed", error="NonFiniteLossError: ...")
+    write_run(tmp_path, "d", "classification", "s0", 1, status="running", pid=exited_pid(),
+              host=socket.gethostname(), heartbeat=time.time())
+    write_run(tmp_path, "e", "classification", "b0", 0, status="running", pid=os.getpid(),
+              host=socket.gethostname(), heartbeat=time.time())
+    write_run(tmp_path, "f", "classification", "b0", 1, status="running", pid=1, host="another-node",
+              heartbeat=time.time() - 3600, heartbeat_interval_s=30)
+    write_run(tmp_path, "g", "classification", "gn_relu", 0, 0.88)  # gn_relu seed 1: no record at all
+    report = write_report([tmp_path], tmp_path)
+    assert report.cell("s0", "classification").outcome_text() == "1 failed, 1 dead"
+    assert report.cell("b0", "classification").outcome_text() == "1 dead, 1 running"
+    assert report.cell("gn_relu", "classification").outcome_text() == "1 completed, 1 missing"
+    assert report.unfinished_count() == 5
+    md = (tmp_path / "transfer.md").read_text()
+    assert "| s0 | 1 failed, 1 dead |" in md and "0.88 (n=1); 1 missing" in md
+
+
+def test_records_without_monitor_get_a_clear_note(tmp_path):
+    record = write_run(tmp_path, "a", "classification", "bn_relu", 0, 0.9)
+    del record["monitor"], record["mode"]
+    (tmp_path / "a" / "results.json").write_text(json.dumps(record))
+    report = write_report([tmp_path], tmp_path)
+    assert report.headlines[0].metric is None
+    assert report.cell("bn_relu", "classification").outcome_text() == "1 no metric"
+    assert "no record names its monitor metric" in (tmp_path / "transfer.md").read_text()
+
+
+def test_three_tasks_picture_and_missing_dir(tmp_path, capsys):
+    for task, headline, values in [("classification", ACC, (0.90, 0.91)), ("maskrcnn", ("val/segm_AP", "max"),
+                                   (0.20, 0.18)), ("biggan", FID, (120.0, 100.0))]:
+        for norm, value in zip(("bn_relu", "s0"), values):
+            write_run(tmp_path, f"{task}-{norm}", task, norm, 0, value, headline=headline)
+    write_run(tmp_path, "x", "biggan", "b0", 0, status="failed")
+    write_report([tmp_path], tmp_path)
+    assert (tmp_path / "transfer.png").stat().st_size > 10_000
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

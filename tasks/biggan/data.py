@@ -1,0 +1,158 @@
+"""BigGAN data: real images with labels for D, fixed latents for evaluation, held-out real sets for FID.
+
+fashion_mnist (embedded default: 28 px gray padded to 32 px, repeated to 3 channels) and cifar10 live in memory as
+uint8; imagefolder (ImageNet-style ``train/``, ``val/``) is read and resized to ``resolution`` per image.
+Training images reach the model in [-1, 1]; real images for the feature network in [0, 1].
+
+An epoch is ``steps_per_epoch`` G steps (each batch holds the D batches of one G step: d_steps x accumulate), so layers compare at equal G
+steps and evaluation comes every epoch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+from tasks.common.datasets import DatasetError, load_cifar10, load_fashion_mnist
+
+SPLITS = ("val", "test")
+
+
+class InMemoryImages(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices)
+        return self.images[idx], self.labels[idx]
+
+
+def keep_batch(batch):
+    return batch
+
+
+def fashion_mnist_as_rgb32(images: torch.Tensor) -> torch.Tensor:
+    return F.pad(images, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
+
+
+def fixed_latents(n: int, z_dim: int, num_classes: int, seed: int) -> TensorDataset:
+    """n latents (balanced classes, class i % num_classes) from a fixed seed: the same sampler for every G."""
+    z = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+    return TensorDataset(z, torch.arange(n) % num_classes)
+
+
+class GanData(pl.LightningDataModule):
+    def __init__(self, name: str = "fashion_mnist", root: str | None = None, download: bool = False,
+                 resolution: int = 32, batch_size: int = 64, draws_per_step: int = 1, steps_per_epoch: int = 100,
+                 eval_batch_size: int = 100, num_workers: int = 0, val_size: int = 5000, split_seed: int = 0,
+                 fid_samples: int = 500, test_fid_samples: int = 1000, z_dim: int = 128, latent_seed: int = 1234,
+                 limit_train: int | None = None):
+        super().__init__()
+        self.name, self.root, self.download, self.resolution = name, root, download, resolution
+        self.batch_size, self.draws_per_step, self.steps_per_epoch = batch_size, draws_per_step, steps_per_epoch
+        self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
+        self.val_size, self.split_seed, self.limit_train = val_size, split_seed, limit_train
+        self.fid_samples = {"val": fid_samples, "test": test_fid_samples}
+        self.z_dim, self.latent_seed = z_dim, latent_seed
+        if name in ("fashion_mnist", "cifar10"):
+            self.num_classes = 10
+            if resolution != 32:
+                raise ValueError(f"{name} is 32 px: set task.model.resolution=32 (got {resolution})")
+        elif name == "imagefolder":
+            self.num_classes = len(self._folder_classes())
+        else:
+            raise ValueError(f"unknown dataset {name!r}; choose from fashion_mnist, cifar10, imagefolder")
+        self.train_set: Dataset | None = None
+        self.real_sets: dict[str, Dataset] = {}
+
+    def _folder_classes(self) -> list[str]:
+        train = Path(self.root or "") / "train"
+        if not self.root or not train.is_dir():
+            raise DatasetError(f"imagefolder needs data.root=<folder with train/ and val/ class folders>; "
+                               f"{train} is not a directory")
+        classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+        if not classes:
+            raise DatasetError(f"{train} holds no class folders")
+        return classes
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is not None:
+            return
+        if self.name == "imagefolder":
+            self._setup_folders()
+        else:
+            loader = load_fashion_mnist if self.name == "fashion_mnist" else load_cifar10
+            train_x, train_y, test_x, test_y = loader(self.root, self.download)
+            if self.name == "fashion_mnist":
+                train_x, test_x = fashion_mnist_as_rgb32(train_x), fashion_mnist_as_rgb32(test_x)
+            perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
+            val_idx, train_idx = perm[:self.val_size], perm[self.val_size:]
+            if self.limit_train is not None:
+                train_idx = train_idx[:self.limit_train]
+            self.train_set = InMemoryImages(train_x[train_idx], train_y[train_idx])
+            test_perm = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(self.split_seed))
+            self.real_sets = {"val": InMemoryImages(train_x[val_idx], train_y[val_idx]),
+                              "test": InMemoryImages(test_x[test_perm], test_y[test_perm])}
+        for split in SPLITS:
+            if len(self.real_sets[split]) < self.fid_samples[split]:
+                raise DatasetError(f"{split} holds {len(self.real_sets[split])} real images, fewer than the "
+                                   f"{self.fid_samples[split]} FID samples asked for; lower the sample count")
+
+    def _setup_folders(self):
+        from torchvision import transforms as T
+        from torchvision.datasets import ImageFolder
+        size = self.resolution
+        to_uint8 = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+        root = Path(self.root)
+        if not (root / "val").is_dir():
+            raise DatasetError(f"imagefolder needs {root / 'val'} (class folders as in train/)")
+        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+        self.train_set = ImageFolder(root / "train", T.Compose([T.RandomHorizontalFlip(), to_uint8]))
+        # real sets: a fixed random subset, so that FID sees every class
+        self.real_sets = {}
+        for split, folder in (("val", root / "val"), ("test", test_dir)):
+            full = ImageFolder(folder, to_uint8)
+            perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed))
+            self.real_sets[split] = torch.utils.data.Subset(full, perm.tolist())
+
+    # --- loaders ---------------------------------------------------------------------------------------------
+    def train_dataloader(self):
+        per_step = self.batch_size * self.draws_per_step
+        sampler = RandomSampler(self.train_set, num_samples=self.steps_per_epoch * per_step)
+        in_memory = isinstance(self.train_set, InMemoryImages)
+        return DataLoader(self.train_set, batch_size=per_step, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, collate_fn=keep_batch if in_memory else None,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def latent_loader(self, split: str) -> DataLoader:
+        seed = self.latent_seed + SPLITS.index(split)
+        latents = fixed_latents(self.fid_samples[split], self.z_dim, self.num_classes, seed)
+        return DataLoader(latents, batch_size=self.eval_batch_size)
+
+    def val_dataloader(self):
+        return self.latent_loader("val")
+
+    def test_dataloader(self):
+        return self.latent_loader("test")
+
+    def real_loader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The first ``fid_samples`` held-out real images of ``split`` (this rank's share): (uint8 images, labels)."""
+        subset = torch.utils.data.Subset(self.real_sets[split], range(rank, self.fid_samples[split], world_size))
+        in_memory = isinstance(self.real_sets[split], InMemoryImages)
+        return DataLoader(subset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          collate_fn=keep_batch if in_memory else None)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training:
+            images, labels = batch
+            return images.float() / 127.5 - 1, labels
+        return batch

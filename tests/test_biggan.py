@@ -1,0 +1,177 @@
+"""BigGAN task: models for every layer, conditional norm-act, EMA, eval-mode statistics, FID/IS instruments, a run."""
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import evonorm
+from evonorm import NORM_ACT_NAMES
+from pipelines.run import run
+from tasks.biggan.features import EfficientNetLite0Features, FeatureNetError, build_feature_net
+from tasks.biggan.layers import ConditionalNormAct
+from tasks.biggan.metrics import fid_is
+from tasks.biggan.models import Discriminator, Generator
+from tasks.biggan.module import BigGanModule, hinge_d_loss, hinge_g_loss
+from tests.conftest import CONF_DIR
+
+TINY = {"resolution": 32, "ch": 4}
+TINY_G_MULTS, TINY_D_MULTS = (4, 4, 2, 1), (1, 2, 4, 4)
+
+
+def tiny_gan(norm: str, num_classes: int = 3):
+    g = Generator(evonorm.norm_act_factory(norm), num_classes, **TINY, z_dim=32, shared_dim=8, mults=TINY_G_MULTS,
+                  attention=16)
+    d = Discriminator(num_classes, **TINY, mults=TINY_D_MULTS, attention=8)
+    return g, d
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return EfficientNetLite0Features(image_size=224)
+
+
+@pytest.mark.parametrize("norm", NORM_ACT_NAMES)
+def test_every_norm_trains_one_g_and_d_step_and_samples(norm):
+    torch.manual_seed(0)
+    g, d = tiny_gan(norm)
+    opt_g = torch.optim.Adam([p for p in g.parameters() if p.requires_grad], lr=1e-3, betas=(0.0, 0.999))
+    opt_d = torch.optim.Adam(d.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    z, y = torch.randn(6, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    real = torch.rand(6, 3, 32, 32) * 2 - 1
+    before_d = [p.detach().clone() for p in d.parameters()]
+    with torch.no_grad():
+        fake = g(z, y)
+    loss_d = sum(hinge_d_loss(d(real, y), d(fake, y)))
+    loss_d.backward()
+    opt_d.step()
+    assert torch.isfinite(loss_d) and any(not torch.equal(a, b) for a, b in zip(before_d, d.parameters()))
+    g_cond = g.blocks[0].na1
+    before_gain = g_cond.gain.parametrizations.weight.original.detach().clone()
+    loss_g = hinge_g_loss(d(g(z, y), y))
+    loss_g.backward()
+    opt_g.step()
+    assert torch.isfinite(loss_g)
+    assert not torch.equal(before_gain, g_cond.gain.parametrizations.weight.original)
+    # the layer's own affine is off: fixed at the identity, never trained
+    assert torch.all(g_cond.norm.weight == 1) and torch.all(g_cond.norm.bias == 0)
+    assert not g_cond.norm.weight.requires_grad and g_cond.norm.weight.grad is None
+    g.eval()
+    with torch.no_grad():
+        samples = g(z, y)
+    assert samples.shape == (6, 3, 32, 32) and samples.abs().max() <= 1
+
+
+@pytest.mark.parametrize("norm", ["bn_relu", "gn_relu", "frn_tlu", "s0"])
+def test_conditional_affine_sits_where_the_layer_affine_was(norm):
+    torch.manual_seed(0)
+    layer = ConditionalNormAct(evonorm.norm_act_factory(norm), 8, cond_dim=5).eval()
+    x, cond = torch.randn(2, 8, 4, 4), torch.randn(2, 5)
+    gain = (1 + layer.gain(cond)).view(2, 8, 1, 1)
+    bias = layer.bias(cond).view(2, 8, 1, 1)
+    reference = evonorm.norm_act(norm, 8).eval()  # its own affine at the conditional values, per sample
+    rows = []
+    for i in range(2):
+        with torch.no_grad():
+            reference.weight.copy_(gain[i].flatten())
+            reference.bias.copy_(bias[i].flatten())
+            rows.append(reference(x[i:i + 1]))
+    torch.testing.assert_close(layer(x, cond), torch.cat(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_ema_averages_parameters_and_copies_buffers():
+    g, d = tiny_gan("b0")
+    module = BigGanModule(g, d, feature_net=torch.nn.Identity(), num_classes=3, z_dim=32, ema_decay=0.5)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(1.0)
+        for layer in g.modules():
+            if isinstance(layer, evonorm.EvoNormB0):
+                layer.running_var.fill_(3.0)
+    ema_before = [p.detach().clone() for p in module.generator_ema.parameters()]
+    module.g_steps += 100  # past the warm-up: decay = ema_decay
+    module.update_ema()
+    for before, p_ema, p in zip(ema_before, module.generator_ema.parameters(), g.parameters()):
+        torch.testing.assert_close(p_ema, 0.5 * before + 0.5 * p)
+    buffers = dict(module.generator_ema.named_buffers())
+    assert any(name.endswith("running_var") for name in buffers)
+    for name, b in g.named_buffers():
+        assert torch.equal(buffers[name], b), name
+
+
+def test_eval_sampling_uses_running_variances():
+    torch.manual_seed(0)
+    g, _ = tiny_gan("b0")
+    z, y = torch.randn(5, 32), torch.tensor([0, 1, 2, 0, 1])
+    g.eval()
+    with torch.no_grad():
+        batch = g(z, y)
+        alone = torch.cat([g(z[i:i + 1], y[i:i + 1]) for i in range(5)])
+        torch.testing.assert_close(batch, alone, rtol=1e-3, atol=1e-3)  # no batch statistics in eval
+        for layer in g.modules():
+            if isinstance(layer, evonorm.EvoNormB0):
+                layer.running_var.fill_(0.5)
+        assert (g(z, y) - batch).abs().max() > 0.05  # ... but the running variances
+        g.train()
+        assert (g(z, y) - batch).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("photo,label", [("chelsea", 285), ("coffee", 967)])
+def test_feature_net_classifies_imagenet_photos(lite0, photo, label):
+    import skimage.data
+    import timm.data
+    from PIL import Image
+    cfg = timm.data.resolve_data_config({}, model=lite0.net)
+    transform = timm.data.create_transform(**cfg)
+    image = transform(Image.fromarray(getattr(skimage.data, photo)()))[None]
+    logits = lite0.net(image)
+    assert int(logits.argmax()) == label
+    # the FID/IS path (images in [0, 1], resized, normalized inside) gives the same class
+    rows = lite0(image * 0.5 + 0.5)
+    assert rows.shape == (1, 1280 + 1000) and int(rows[0, 1280:].argmax()) == label
+
+
+def test_fid_orders_real_halves_below_noise_and_noise_is_near_1():
+    from tasks.common.datasets import load_fashion_mnist
+    from tasks.biggan.data import fashion_mnist_as_rgb32
+    features = EfficientNetLite0Features(image_size=64)
+    images = fashion_mnist_as_rgb32(load_fashion_mnist(None)[2][:160]).float() / 255
+    real_a, real_b = features(images[:80]), features(images[80:])
+    noise = features(torch.rand(80, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    real_vs_real = fid_is(real_a, real_b, 1280, is_splits=2)
+    real_vs_noise = fid_is(real_a, noise, 1280, is_splits=2)
+    assert real_vs_noise["fid"] > 2.5 * real_vs_real["fid"], (real_vs_real, real_vs_noise)
+    assert real_vs_noise["is"] < 1.5 < real_vs_real["is"]
+
+
+def test_missing_inception_weights_errors_clearly_without_network(monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(FeatureNetError, match="no such file.*nothing is downloaded"):
+        build_feature_net(inception_weights=str(tmp_path / "pt_inception.pth"))
+
+
+def test_run_writes_fid_and_is(tmp_path):
+    overrides = [
+        "task=biggan", "norm=bn_relu", "logger=none", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}",
+        "task.epochs=1", "task.model.g_ch=4", "task.model.d_ch=4", "task.model.shared_dim=16",
+        "task.data.batch_size=8", "task.data.steps_per_epoch=3", "task.data.limit_train=256", "task.data.val_size=64",
+        "task.data.eval_batch_size=16", "task.metrics.fid_samples=16", "task.metrics.test_fid_samples=16",
+        "task.metrics.image_size=32", "task.metrics.is_splits=2", "task.metrics.grid_columns=2",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    run(cfg)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "completed" and record["monitor"] == "val/fid_ema"
+    assert set(record["test"]) == {"test/fid_ema", "test/is_ema", "test/fid_raw", "test/is_raw"}
+    assert all(np.isfinite(v) and v > 0 for v in record["test"].values())
+    assert record["fid_untrained"] > 0 and record["g_steps"] == 3
+    assert record["fid_ratio_ema"] == pytest.approx(record["test"]["test/fid_ema"] / record["fid_untrained"])
+    assert "val/fid_ema" in record["best_val"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "test-step000003-ema.png", "test-step000003-raw.png", "val-step000003-ema.png", "val-step000003-raw.png"]

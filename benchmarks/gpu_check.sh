@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device check of the Triton stages (evonorm/triton_kernels.py) for a session with a GPU: CUDA tests, then the layer
-# and model benchmarks on CUDA. Logs and JSON go to $OUT when set (the device machine's result folder), else to
-# benchmarks/results. Each step has its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step
+# Device check of the Triton kernels (evonorm/triton_kernels.py) for a session with a GPU: CUDA tests (including the
+# eager fallback and the operation count), then the layer benchmark on the issue-9 shapes (float32, and bfloat16
+# input) and the model benchmark on CUDA. Logs and JSON go to $OUT when set (the device machine's result folder),
+# else to benchmarks/results. Each step has its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step
 # still leaves the others their time; the exit status is nonzero if any step failed or timed out.
 #
 #     bash benchmarks/gpu_check.sh                   # from the repository root or anywhere in it
@@ -23,8 +24,13 @@ step() {  # step NAME COMMAND...: run with the time limit, log to $out/NAME.log,
 }
 
 step env python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-step tests python -m pytest tests/test_triton_kernels.py tests/test_fast_layers.py tests/test_layers.py -q \
-    -p no:cacheprovider -rs
-step layers python benchmarks/layers.py --device cuda --shapes target,r50 --json "$out/layers-cuda.json"
+# without the Triton-interpreter cases (CPU work for CI)
+step tests python -m pytest tests/test_triton_kernels.py tests/test_op_count.py tests/test_fast_layers.py \
+    tests/test_layers.py -q -p no:cacheprovider -rs -k "not interp"
+step layers python benchmarks/layers.py --device cuda --shapes gpu --layers bn_relu,b0,s0 --budget 4 \
+    --json "$out/layers-cuda.json"
+step layers-bf16 python benchmarks/layers.py --device cuda --shapes 32x256x56x56 --layers bn_relu,b0,s0 --budget 4 \
+    --dtype bfloat16 --json "$out/layers-cuda-bf16.json"
+# needs omegaconf (pip install omegaconf) where the machine lacks it
 step models python benchmarks/models.py --device cuda --batch 32 --json "$out/models-preact_resnet50-cuda.json"
 exit "$failed"

@@ -16,6 +16,7 @@ processes and caching allocators (CUDA, jemalloc) keep their memory too.
     python benchmarks/layers.py                                  # default shapes, JSON in benchmarks/results/
     python benchmarks/layers.py --quick                          # tiny smoke run
     python benchmarks/layers.py --shapes 32x64x56x56 --layers bn_relu,b0,s0
+    python benchmarks/layers.py --device cuda --shapes gpu --dtype bfloat16   # half input, float32 parameters
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ SHAPE_PRESETS = {
     "det": ["2x256x100x152"],  # FPN head on the stride-8 level of an 800x1216 image, batch 2
     "biggan": ["8x192x64x64"],  # BigGAN 128x128 generator (ch 96) at its 64x64 block
     "target": ["32x64x56x56"],
+    # the GPU table of issue 9 (ResNet-50 stages at batch 32, detection head at 800x1216, BigGAN-size map)
+    "gpu": ["32x64x56x56", "32x256x56x56", "32x512x28x28", "32x2048x7x7", "2x256x200x304", "64x192x64x64"],
     "quick": ["4x32x8x8"],
 }
 SHAPE_PRESETS["default"] = SHAPE_PRESETS["r50"] + SHAPE_PRESETS["det"] + SHAPE_PRESETS["biggan"]
@@ -117,12 +120,13 @@ def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def bench_shape(shape, cases, device, repeats, budget_s, compile_mode):
-    """Median fwd and fwd+bwd times (ms) and saved bytes of each case on one shape, rounds interleaved."""
+def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=torch.float32):
+    """Median fwd and fwd+bwd times (ms) and saved bytes of each case on one shape, rounds interleaved. The input
+    (and output gradient) has ``dtype``, the layers float32 parameters: what a layer sees after an autocast conv."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
-    grad = torch.randn(shape, generator=gen).to(device)
+    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(device, dtype)
     layers, rows = {}, {}
 
     def select_compile(case):
@@ -164,7 +168,8 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode):
     results = []
     for (name, impl), row in rows.items():
         results.append({
-            "layer": name, "impl": impl, "shape": list(shape), "rounds": rounds,
+            "layer": name, "impl": impl, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+            "rounds": rounds,
             "fwd_ms": statistics.median(row["fwd"]), "fwd_bwd_ms": statistics.median(row["fwd_bwd"]),
             "saved_bytes": row["saved_bytes"], "saved_ratio": row["saved_bytes"] / input_bytes,
         })
@@ -195,6 +200,8 @@ def main(argv=None):
                         help="seconds of timed rounds per shape; large shapes get fewer rounds (at least 3)")
     parser.add_argument("--compile", default="auto", choices=fused.COMPILE_MODES,
                         help="torch.compile policy of the impl=fast rows (evonorm.fused.set_compile)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="input dtype (parameters stay float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None,
                         help="output path (default benchmarks/results/layers-<device>.json)")
@@ -217,17 +224,20 @@ def main(argv=None):
     results = []
     for shape in parse_shapes(args.shapes):
         print(f"shape {shape} ...", file=sys.stderr, flush=True)
-        results += bench_shape(shape, cases, device, args.repeats, args.budget, args.compile)
+        results += bench_shape(shape, cases, device, args.repeats, args.budget, args.compile,
+                               getattr(torch, args.dtype))
     print_table(results)
 
-    path = args.json or Path(__file__).resolve().parent / "results" / f"layers-{device.type}.json"
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    path = args.json or Path(__file__).resolve().parent / "results" / f"layers-{device.type}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": getattr(timm, "__version__", None),
         "python": platform.python_version(), "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "baseline": "/".join(BASELINE), "compile": args.compile, "malloc_keeps_freed_memory": kept_memory,
+        "baseline": "/".join(BASELINE), "compile": args.compile, "dtype": args.dtype,
+        "malloc_keeps_freed_memory": kept_memory,
     }
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {path}", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .common import check_impl, check_input, check_linear, per_channel, stats_dtype
-from .fused import evonorm_batch
+from .fused import evonorm_batch, update_running_var
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +65,18 @@ class _EvoNormBatch(nn.Module):
         if (not self.apply_act and self.linear == "affine") or x.shape[0] == 0:
             return self.affine(x)
         if self.impl == "fast" and self.apply_act:
-            y, var = evonorm_batch(x, self.weight, self.bias, getattr(self, "v", None), self.running_var,
-                                   variant=self.variant, eps=self.eps, training=self.training)
-            if self.training:
-                self.update_running_var(var)
-            return y
+            return evonorm_batch(x, self.weight, self.bias, getattr(self, "v", None), self.running_var,
+                                 variant=self.variant, eps=self.eps, momentum=self.momentum, training=self.training)
         xs = x.to(stats_dtype(x))
         if self.training:
             var = xs.var(dim=(0, 2, 3), unbiased=False)
-            self.update_running_var(var)
+            update_running_var(self.running_var, var, self.momentum)
         else:
             var = self.running_var.to(xs.dtype)
         den = per_channel(var.add(self.eps).sqrt())
         if self.apply_act:
             den = torch.maximum(den, self.instance_term(xs))
         return self.affine(xs / den).to(x.dtype)
-
-    @torch.no_grad()
-    def update_running_var(self, var: torch.Tensor) -> None:
-        """rv <- (1 - momentum) * rv + momentum * var (biased), per channel, skipping non-finite channels."""
-        var = var.detach().to(self.running_var.dtype)
-        updated = torch.lerp(self.running_var, var, self.momentum)
-        self.running_var.copy_(torch.where(torch.isfinite(var), updated, self.running_var))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, apply_act={self.apply_act}, eps={self.eps}, momentum={self.momentum}, "

@@ -14,10 +14,13 @@ element-wise parts in backward and use analytic gradients (derived in the ``*_co
   * ``*_eager``: one ATen kernel per step, in place in at most two temporaries. On CPU a fresh input-sized buffer
     costs more than the arithmetic done in it, per-(n, c) sums of products come from the batch-norm backward
     reduction (no product tensor) and branch masks use ``threshold_backward`` (boolean masks are slow).
-  * Triton (``evonorm.triton_kernels``, imported on first use): hand-written twins of the plain stages, used for
-    float32 CUDA inputs (half inputs are float32 by then) unless compilation is "off".
+- CUDA (float32, float16 and bfloat16 inputs): the whole layer call is a few Triton launches
+  (``evonorm.triton_kernels``, imported on first use; two forward, two backward) that also do the small per-(n, c),
+  per-group and per-channel algebra and the running-variance update, reading and writing half tensors directly,
+  unless compilation is "off".
   ``set_compile`` / ``EVONORM_COMPILE`` choose (``COMPILE_MODES``); a failed compilation or Triton launch (or a
-  missing triton) warns once and falls back to the eager stages.
+  missing triton) warns once and falls back to the eager stages (a backward whose forward ran on Triton takes its
+  statistics from the Triton workspace).
 - Half inputs: statistics and arithmetic in float32, output and input gradient in the input dtype.
 - Backward is first-order only (``once_differentiable``): use ``impl="reference"`` for double backward.
 """
@@ -61,10 +64,13 @@ def _compile_mode() -> str:
     return mode
 
 
-def _use_triton(x: torch.Tensor) -> bool:
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if _compile_mode() == "off" or torch.compiler.is_compiling() or _triton_state["failed"]:
         return False  # inside a user's torch.compile the plain stages are traced instead
-    return x.dtype == torch.float32 and (x.is_cuda or _triton_state["force"])
+    return x.dtype in TRITON_DTYPES and weight.dtype in TRITON_DTYPES and (x.is_cuda or _triton_state["force"])
 
 
 def _use_compiled(x: torch.Tensor) -> bool:
@@ -92,11 +98,13 @@ def _run_compiled(stage: Callable, *args):
         return None
 
 
-def _run_triton(stage: Callable, *args):
-    """The Triton twin of a plain stage on the same arguments; None when triton is missing or the launch fails."""
+def _run_triton(name: str, *args):
+    """evonorm.triton_kernels.<name>(*args); None when triton is missing or a launch fails (or failed before)."""
+    if _triton_state["failed"]:
+        return None
     try:
         from . import triton_kernels
-        return getattr(triton_kernels, _TRITON_TWINS[stage])(*args)
+        return getattr(triton_kernels, name)(*args)
     except Exception as err:  # ImportError, no driver, compilation error, out of resources, ...
         log.warning("evonorm: Triton stages failed, using the eager kernels from now on (%s: %s)",
                     type(err).__name__, err)
@@ -104,17 +112,10 @@ def _run_triton(stage: Callable, *args):
         return None
 
 
-def _stage_runner(x: torch.Tensor) -> Callable | None:
-    """How to run the row-layout stages on x: _run_triton, _run_compiled, or None for the eager stages."""
-    if _use_triton(x):
-        return _run_triton
-    return _run_compiled if _use_compiled(x) else None
-
-
 def _run_stages(rows_stages: Callable, eager_stages: Callable, x: torch.Tensor, args: tuple):
-    """The row-layout stages through the runner chosen for x; the eager stages when there is none or it fails."""
-    run = _stage_runner(x)
-    out = None if run is None else rows_stages(run, *args)
+    """The row-layout stages through torch.compile where the policy says so; the eager stages otherwise or when
+    compilation fails."""
+    out = rows_stages(_run_compiled, *args) if _use_compiled(x) else None
     return eager_stages(*args) if out is None else out
 
 
@@ -274,47 +275,94 @@ def _batch_backward_eager(x, gy, a, b, scale, coefficients):
     return _add_stat_terms_eager(grad_x, x, *stat_terms, scratch=q_inst), grad_weight, sum_gy.sum(0), grad_v
 
 
+def update_running_var(running_var: torch.Tensor, batch_var: torch.Tensor, momentum: float) -> None:
+    """rv <- (1 - momentum) * rv + momentum * var (biased), per channel, skipping non-finite channels."""
+    with torch.no_grad():
+        var = batch_var.detach().to(running_var.dtype)
+        updated = torch.lerp(running_var, var, momentum)
+        running_var.copy_(torch.where(torch.isfinite(var), updated, running_var))
+
+
+def _batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, momentum: float, training: bool):
+    """Eager or compiled stages: (y, saved statistics (mean, var, batch_std)); updates the running variance."""
+    f = stats_dtype(x)
+    xs = x.contiguous().to(f)
+    # eps 0: var = rstd^-2 recovers the variance exactly (a zero variance gives rstd inf, var 0).
+    buf, mean, rstd = _moments(xs, xs.shape[1], 0.0)
+    var = rstd.pow(-2)
+    if training:  # over (N, H, W): mean of the (n, c) variances + variance of the (n, c) means
+        batch_var = var.mean(0) + (mean - mean.mean(0)).square().mean(0)  # torch.var: slow on CPU
+        update_running_var(running_var, batch_var, momentum)
+    else:
+        batch_var = running_var.to(f)
+    batch_std = (batch_var + eps).sqrt()
+    alpha, beta = _instance_term(variant, mean, var, _as(v, f), eps)
+    args = buf, xs, alpha / _c(batch_std), beta / _c(batch_std), _c(weight.to(f) / batch_std), _c(bias.to(f))
+    return _run_stages(_batch_forward_rows, _batch_forward_eager, xs, args).to(x.dtype), (mean, var, batch_std)
+
+
+def _batch_backward(x, grad_y, weight, v, stats, variant: str, eps: float, training: bool):
+    """Eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
+    mean, var, batch_std = stats
+    f = mean.dtype
+    xs = x.contiguous().to(f)
+    w = weight.to(f)
+    alpha, beta = _instance_term(variant, mean, var, _as(v, f), eps)
+    coefficients = partial(_batch_coefficients, variant, training, mean, beta, batch_std, w,
+                           xs.shape[2] * xs.shape[3])
+    args = (xs, grad_y.contiguous().to(f), alpha / _c(batch_std), beta / _c(batch_std), _c(w / batch_std),
+            coefficients)
+    return _run_stages(_batch_backward_rows, _batch_backward_eager, xs, args)
+
+
+def _workspace_for_backward(ctx: FunctionCtx, ws: torch.Tensor) -> torch.Tensor:
+    """The Triton forward's workspace; a copy from the second backward on (retain_graph), since the parameter
+    gradients of the first one are views of it."""
+    if ctx.workspace_used:
+        return ws.clone()
+    ctx.workspace_used = True
+    return ws
+
+
 class EvoNormBatchFn(torch.autograd.Function):
-    """EvoNorm B0/B1/B2 with activation; returns (y, batch variance used)."""
+    """EvoNorm B0/B1/B2 with activation; in training it also updates the running variance in place."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x, weight, bias, v, running_var, variant: str, eps: float, training: bool):
+    def forward(ctx: FunctionCtx, x, weight, bias, v, running_var, variant: str, eps: float, momentum: float,
+                training: bool):
         with torch.autocast(x.device.type, enabled=False):
-            f = stats_dtype(x)
-            xs = x.contiguous().to(f)
-            # eps 0: var = rstd^-2 recovers the variance exactly (a zero variance gives rstd inf, var 0).
-            buf, mean, rstd = _moments(xs, xs.shape[1], 0.0)
-            var = rstd.pow(-2)
-            if training:  # over (N, H, W): mean of the (n, c) variances + variance of the (n, c) means
-                batch_var = var.mean(0) + (mean - mean.mean(0)).square().mean(0)  # torch.var: slow on CPU
+            out = None
+            if _use_triton(x, weight):
+                out = _run_triton("batch_forward", x.contiguous(), weight, bias, v, running_var, variant, eps,
+                                  momentum, training)
+            if out is None:
+                (y, stats), ws = _batch_forward(x, weight, bias, v, running_var, variant, eps, momentum,
+                                                training), None
             else:
-                batch_var = running_var.to(f)
-            batch_std = (batch_var + eps).sqrt()
-            alpha, beta = _instance_term(variant, mean, var, _as(v, f), eps)
-            args = buf, xs, alpha / _c(batch_std), beta / _c(batch_std), _c(weight.to(f) / batch_std), _c(bias.to(f))
-            y = _run_stages(_batch_forward_rows, _batch_forward_eager, xs, args)
-        ctx.save_for_backward(x, weight, v, mean, var, batch_std)
+                (y, ws), stats = out, (None, None, None)
+        ctx.save_for_backward(x, weight, v, ws, *stats)
         ctx.variant, ctx.eps, ctx.training, ctx.bias_dtype = variant, eps, training, bias.dtype
-        ctx.mark_non_differentiable(batch_var)
-        return y.to(x.dtype), batch_var
+        ctx.workspace_used = False
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_y, _grad_batch_var):
-        x, weight, v, mean, var, batch_std = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad_y):
+        x, weight, v, ws, *stats = ctx.saved_tensors
+        grads = None
         with torch.autocast(x.device.type, enabled=False):
-            f = mean.dtype
-            xs = x.contiguous().to(f)
-            w = weight.to(f)
-            alpha, beta = _instance_term(ctx.variant, mean, var, _as(v, f), ctx.eps)
-            coefficients = partial(_batch_coefficients, ctx.variant, ctx.training, mean, beta, batch_std, w,
-                                   xs.shape[2] * xs.shape[3])
-            args = (xs, grad_y.contiguous().to(f), alpha / _c(batch_std), beta / _c(batch_std), _c(w / batch_std),
-                    coefficients)
-            grads = _run_stages(_batch_backward_rows, _batch_backward_eager, xs, args)
+            if ws is not None:
+                ws = _workspace_for_backward(ctx, ws)
+                grads = _run_triton("batch_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v,
+                                    ctx.variant, ctx.eps, ctx.training)
+                if grads is None:
+                    from .triton_kernels import batch_saved_stats
+                    stats = batch_saved_stats(ws, *x.shape[:2])
+            if grads is None:
+                grads = _batch_backward(x, grad_y, weight, v, stats, ctx.variant, ctx.eps, ctx.training)
         grad_x, grad_weight, grad_bias, grad_v = grads
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
-                None if v is None else grad_v.to(v.dtype), None, None, None, None)
+                None if v is None else grad_v.to(v.dtype), None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,57 +453,78 @@ def _sample_backward_eager(x, gy, v, scale, coefficients):
     return grad_x, grad_weight, sum_gy.sum(0), grad_v
 
 
+def _sample_forward(x, weight, bias, v, groups: int, eps: float, centered: bool):
+    """Eager or compiled stages: (y, saved statistics (mean or None, rstd) per (n, group))."""
+    f = stats_dtype(x)
+    xs = x.contiguous().to(f)
+    if centered:
+        buf, mean, rstd = _moments(xs, groups, eps)
+    else:  # second moment = var + mean^2 (eps 0 recovers var exactly)
+        buf, mean, rstd = _moments(xs, groups, 0.0)
+        rstd = (rstd.pow(-2) + mean.square() + eps).rsqrt()
+        mean = None
+    scale = _c(weight.to(f)) * _nc(_per_channel(rstd, xs.shape[1]))
+    args = buf, xs, None if v is None else _c(v.to(f)), scale, _c(bias.to(f))
+    return _run_stages(_sample_forward_rows, _sample_forward_eager, xs, args).to(x.dtype), (mean, rstd)
+
+
+def _sample_backward(x, grad_y, weight, v, stats):
+    """Eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
+    mean, rstd = stats
+    f = rstd.dtype
+    xs = x.contiguous().to(f)
+    w = weight.to(f)
+    coefficients = partial(_sample_coefficients, mean, rstd, w, xs.shape[2] * xs.shape[3])
+    args = (xs, grad_y.contiguous().to(f), None if v is None else _c(v.to(f)),
+            _c(w) * _nc(_per_channel(rstd, xs.shape[1])), coefficients)
+    return _run_stages(_sample_backward_rows, _sample_backward_eager, xs, args)
+
+
 class EvoNormSampleFn(torch.autograd.Function):
     """EvoNorm S0 (v given), S1 (v None, centered) or S2 (v None, not centered) with activation."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, groups: int, eps: float, centered: bool):
         with torch.autocast(x.device.type, enabled=False):
-            f = stats_dtype(x)
-            xs = x.contiguous().to(f)
-            if centered:
-                buf, mean, rstd = _moments(xs, groups, eps)
-            else:  # second moment = var + mean^2 (eps 0 recovers var exactly)
-                buf, mean, rstd = _moments(xs, groups, 0.0)
-                rstd = (rstd.pow(-2) + mean.square() + eps).rsqrt()
-                mean = None
-            scale = _c(weight.to(f)) * _nc(_per_channel(rstd, xs.shape[1]))
-            args = buf, xs, None if v is None else _c(v.to(f)), scale, _c(bias.to(f))
-            y = _run_stages(_sample_forward_rows, _sample_forward_eager, xs, args)
-        ctx.save_for_backward(x, weight, v, mean, rstd)
-        ctx.bias_dtype = bias.dtype
-        return y.to(x.dtype)
+            out = None
+            if _use_triton(x, weight):
+                out = _run_triton("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
+            if out is None:
+                (y, stats), ws = _sample_forward(x, weight, bias, v, groups, eps, centered), None
+            else:
+                (y, ws), stats = out, (None, None)
+        ctx.save_for_backward(x, weight, v, ws, *stats)
+        ctx.groups, ctx.eps, ctx.centered, ctx.bias_dtype = groups, eps, centered, bias.dtype
+        ctx.workspace_used = False
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_y):
-        x, weight, v, mean, rstd = ctx.saved_tensors
+        x, weight, v, ws, *stats = ctx.saved_tensors
+        grads = None
         with torch.autocast(x.device.type, enabled=False):
-            f = rstd.dtype
-            xs = x.contiguous().to(f)
-            w = weight.to(f)
-            coefficients = partial(_sample_coefficients, mean, rstd, w, xs.shape[2] * xs.shape[3])
-            args = (xs, grad_y.contiguous().to(f), None if v is None else _c(v.to(f)),
-                    _c(w) * _nc(_per_channel(rstd, xs.shape[1])), coefficients)
-            grads = _run_stages(_sample_backward_rows, _sample_backward_eager, xs, args)
+            if ws is not None:
+                ws = _workspace_for_backward(ctx, ws)
+                grads = _run_triton("sample_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v,
+                                    ctx.groups, ctx.eps, ctx.centered)
+                if grads is None:
+                    from .triton_kernels import sample_saved_stats
+                    stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.eps, ctx.centered)
+            if grads is None:
+                grads = _sample_backward(x, grad_y, weight, v, stats)
         grad_x, grad_weight, grad_bias, grad_v = grads
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
                 None if v is None else grad_v.to(v.dtype), None, None, None)
 
 
-_TRITON_TWINS = {  # plain stage -> its twin in evonorm.triton_kernels
-    _batch_forward_plain: "batch_forward", _batch_sums_plain: "batch_sums", _batch_grad_x_plain: "batch_grad_x",
-    _sample_forward_plain: "sample_forward", _sample_sums_plain: "sample_sums", _sample_grad_x_plain: "sample_grad_x",
-}
-
-
 def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: torch.Tensor | None,
-                  running_var: torch.Tensor, *, variant: str, eps: float,
-                  training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """EvoNorm B0/B1/B2 with activation; returns (y, batch variance) (the running variance is not updated here)."""
+                  running_var: torch.Tensor, *, variant: str, eps: float, momentum: float,
+                  training: bool) -> torch.Tensor:
+    """EvoNorm B0/B1/B2 with activation; in training the running variance is updated in place."""
     if variant not in BATCH_VARIANTS:
         raise ValueError(f"variant must be one of {BATCH_VARIANTS}, got {variant!r}")
-    return EvoNormBatchFn.apply(x, weight, bias, v, running_var, variant, eps, training)
+    return EvoNormBatchFn.apply(x, weight, bias, v, running_var, variant, eps, momentum, training)
 
 
 def evonorm_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: torch.Tensor | None, *,

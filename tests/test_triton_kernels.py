@@ -1,10 +1,10 @@
-"""Triton stages (evonorm.triton_kernels) against their plain twins in evonorm.fused, and the fast layers on them
-against impl="reference".
+"""The Triton path of the fast layers (evonorm.triton_kernels) against impl="reference": outputs, input and
+parameter gradients, running variance, half inputs, fallbacks.
 
 Every test runs on two devices: "cuda" (skipped without a GPU) and "interp", CPU tensors under the Triton
 interpreter. The interpreter must be switched on (TRITON_INTERPRET=1) before the kernels are decorated, and torch
-may already have imported triton in this process, so test_interpreter_run runs the "interp" cases in a fresh pytest
-process with the variable set; in this process they are skipped.
+may already have imported triton in this process, so test_interpreter_run runs the "interp" cases of this file and
+of test_op_count.py in a fresh pytest process with the variable set; in this process they are skipped.
 """
 import logging
 import os
@@ -23,22 +23,21 @@ DEVICES = [
     pytest.param("cpu", id="interp", marks=pytest.mark.skipif(not INTERPRETED, reason="run by test_interpreter_run")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
 ]
-# (R, L) rows: one element per row, a tail tile, rows longer than one tile (loop + mask), many short rows
-ROW_SHAPES = [(6, 1), (13, 35), (3, 1100), (300, 7)]
-# layer inputs: groups 20 with 7x5 maps, 1x1 maps, rows longer than one tile
-LAYER_SHAPES = [(4, 40, 7, 5), (2, 8, 1, 1), (2, 6, 20, 55)]
+# layer inputs: groups 20 with 7x5 maps, 1x1 maps, rows longer than one tile, batch larger than one reduction step
+LAYER_SHAPES = [(4, 40, 7, 5), (2, 8, 1, 1), (2, 6, 20, 55), (70, 4, 2, 3)]
+INTERP_FILES = ["tests/test_triton_kernels.py", "tests/test_op_count.py"]
 
 
 @pytest.fixture
 def triton_stages(monkeypatch):
-    """Names of the plain stages whose Triton twins ran; Triton forced for CPU tensors (interpreter)."""
+    """Names of the evonorm.triton_kernels functions that ran; Triton forced for CPU tensors (interpreter)."""
     pytest.importorskip("triton")
     called = []
     run_triton = fused._run_triton
 
-    def spy(stage, *args):
-        called.append(stage.__name__)
-        return run_triton(stage, *args)
+    def spy(name, *args):
+        called.append(name)
+        return run_triton(name, *args)
 
     monkeypatch.setattr(fused, "_run_triton", spy)
     monkeypatch.setitem(fused._triton_state, "force", True)
@@ -52,54 +51,17 @@ def assert_close(got, want, tol=1e-5):
     assert (got - want).abs().max() <= tol * max(1.0, want.abs().max().item())
 
 
-def stage_cases(shape, device):
-    """(plain stage, argument factory) for every stage; fresh output buffers per call."""
-    gen = torch.Generator().manual_seed(sum(shape))
-
-    def rand(*size):
-        return torch.rand(*size, generator=gen).to(device)
-
-    x, gy = ((torch.randn(shape, generator=gen) * 2 + 0.5).to(device) for _ in range(2))
-    rows = shape[0], 1
-    a, b = rand(*rows) * 2 - 1, rand(*rows) * 1.5  # a of both signs: r = max(a x + b, 1) takes both branches
-    scale, bias, v, k1, center, k0 = (rand(*rows) * 2 - 1 for _ in range(6))
-    branch = (a * x + b > 1).double().mean().item()
-    assert shape[1] == 1 or 0.05 < branch < 0.95
-    return [
-        (fused._batch_forward_plain, lambda: (torch.empty_like(x), x, a, b, scale, bias)),
-        (fused._batch_sums_plain, lambda: (x, gy, a, b)),
-        (fused._batch_grad_x_plain, lambda: (x, gy, a, b, scale, k1, center, k0)),
-        (fused._sample_forward_plain, lambda: (torch.empty_like(x), x, v, scale, bias)),
-        (fused._sample_sums_plain, lambda: (x, gy, v)),
-        (fused._sample_grad_x_plain, lambda: (x, gy, v, scale, k1, center, k0)),
-    ]
-
-
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
 def test_interpreter_run():
     """The "interp" cases of this file in a fresh process under TRITON_INTERPRET=1 (CPU, no GPU needed)."""
     pytest.importorskip("triton")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", *INTERP_FILES, "-q", "-p", "no:cacheprovider",
          "-k", "interp and not test_interpreter_run"],
         cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", ROW_SHAPES)
-def test_stages_match_plain_twins(shape, device):
-    from evonorm import triton_kernels
-
-    for plain, make_args in stage_cases(shape, device):
-        want = plain(*make_args())
-        got = getattr(triton_kernels, fused._TRITON_TWINS[plain])(*make_args())
-        want, got = (w if isinstance(w, tuple) else (w,) for w in (want, got))
-        assert len(got) == len(want)
-        for g, w in zip(got, want):
-            assert_close(g, w)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -111,8 +73,19 @@ def test_fast_layers_on_triton_match_reference(name, training, shape, device, tr
     for got, want in zip(run(fast, x, grad_y), run(ref, x, grad_y)):  # y, x.grad, parameter grads, running var
         assert_close(got, want)
     kind = "batch" if name[0] == "b" else "sample"
-    assert triton_stages == [f"_{kind}_{stage}_plain" for stage in ("forward", "sums", "grad_x")]
+    assert triton_stages == [f"{kind}_forward", f"{kind}_backward"]
     assert not fused._triton_state["failed"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["s0", "s2"])
+def test_large_groups_reduce_in_several_steps(name, device, triton_stages):
+    """32 channels per group and 1x1 maps: the group and batch reductions of a program take several steps."""
+    fast, ref = (layer.to(device) for layer in make_pair(name, 64, groups=2))
+    x, grad_y = sample((40, 64, 1, 1)).to(device), sample((40, 64, 1, 1), seed=2).to(device)
+    for got, want in zip(run(fast, x, grad_y), run(ref, x, grad_y)):
+        assert_close(got, want)
+    assert triton_stages == ["sample_forward", "sample_backward"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,31 +107,113 @@ def test_autocast_half_on_triton(name, dtype, device, triton_stages):
     assert triton_stages and not fused._triton_state["failed"]
 
 
-def test_only_float32_cuda_or_forced_inputs_use_triton(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["b0", "s0"])
+def test_half_inputs_read_and_written_directly(name, dtype, device, triton_stages):
+    """A half input goes to the kernels as it is (no float32 copy) and matches the reference on the same values."""
+    fast, ref = (layer.to(device) for layer in make_pair(name, 24))
+    x, grad_y = sample((3, 24, 5, 4), dtype).to(device), sample((3, 24, 5, 4), dtype, seed=2).to(device)
+    got, want = run(fast, x, grad_y), run(ref, x, grad_y)
+    assert got[0].dtype == got[1].dtype == dtype
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2 * max(1.0, w.abs().max().item()))
+    assert triton_stages
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["b0", "s2"])
+def test_channels_last_and_retained_graph(name, device, triton_stages):
+    """A channels-last input; a second backward through the same graph (the parameter gradients of the first are
+    views of the forward's workspace and must not change)."""
+    fast, ref = (layer.to(device) for layer in make_pair(name, 16))
+    x = sample((3, 16, 4, 5)).to(device).to(memory_format=torch.channels_last)
+    grad_y = sample((3, 16, 4, 5), seed=2).to(device)
+    grads = []
+    for layer in (fast, ref):
+        y = layer(x)
+        y.backward(grad_y, retain_graph=True)
+        first = [p.grad.clone() for p in layer.parameters()]
+        y.backward(grad_y * 2)
+        grads.append([p.grad for p in layer.parameters()])
+        for p, g in zip(grads[-1], first):
+            assert_close(p, 3 * g)
+    for g, w in zip(*grads):
+        assert_close(g, w)
+
+
+def test_triton_policy(monkeypatch):
     monkeypatch.setitem(fused._compile_state, "mode", "auto")
     monkeypatch.setitem(fused._triton_state, "failed", False)
-    x = torch.zeros(2, 8, 4, 4)
-    assert fused._stage_runner(x) is None  # CPU: unchanged (eager below COMPILE_MIN_NUMEL)
+    x, weight = torch.zeros(2, 8, 4, 4), torch.ones(8)
+    assert not fused._use_triton(x, weight)  # CPU: unchanged (eager below COMPILE_MIN_NUMEL)
     monkeypatch.setitem(fused._triton_state, "force", True)
-    assert fused._stage_runner(x) is fused._run_triton
-    assert fused._stage_runner(x.double()) is None  # float64 keeps its precision in the eager stages
+    assert all(fused._use_triton(x.to(dtype), weight) for dtype in fused.TRITON_DTYPES)
+    assert not fused._use_triton(x.double(), weight)  # float64 keeps its precision in the eager stages
+    assert not fused._use_triton(x, weight.double())
     fused.set_compile("off")  # off: eager stages on every device
-    assert fused._stage_runner(x) is None
+    assert not fused._use_triton(x, weight)
 
 
-def test_failed_triton_launch_warns_once_and_falls_back(triton_stages, monkeypatch, caplog):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("failing", ["batch_forward", "batch_backward"])
+def test_failed_triton_launch_warns_once_and_falls_back(failing, device, triton_stages, monkeypatch, caplog):
     from evonorm import triton_kernels
 
     def broken(*args):
         raise RuntimeError("out of resources")
 
-    monkeypatch.setattr(triton_kernels, "batch_forward", broken)
-    fast, ref = make_pair("b0", 16)
-    x, grad_y = sample((4, 16, 5, 5)), sample((4, 16, 5, 5), seed=2)
+    monkeypatch.setattr(triton_kernels, failing, broken)
+    fast, ref = (layer.to(device) for layer in make_pair("b0", 16))
+    x, grad_y = sample((4, 16, 5, 5)).to(device), sample((4, 16, 5, 5), seed=2).to(device)
     with caplog.at_level(logging.WARNING, logger="evonorm.fused"):
         got = run(fast, x, grad_y)
-        run(make_pair("b0", 16)[0], x, grad_y)
+        run(make_pair("b0", 16)[0].to(device), x, grad_y)
     assert fused._triton_state["failed"] and caplog.text.count("Triton stages failed") == 1
-    assert triton_stages == ["_batch_forward_plain"]  # backward and the second call went straight to eager
+    # a failed forward: all eager from then on; a failed backward: its forward's workspace feeds the eager backward
+    assert triton_stages == ["batch_forward"] if failing == "batch_forward" else ["batch_forward", "batch_backward"]
     for a, b in zip(got, run(ref, x, grad_y)):
         assert_close(a, b)
+
+
+# (kernel, constexpr specialisation, tensor dtype): together every constexpr branch, float32 and bfloat16 tensors
+CUDA_BUILDS = [
+    ("_moments_kernel", {}, "fp32"),
+    ("_batch_forward_kernel", {"VARIANT": 0, "TRAINING": True}, "bf16"),
+    ("_batch_forward_kernel", {"VARIANT": 1, "TRAINING": False}, "fp32"),
+    ("_batch_sums_kernel", {"VARIANT": 2}, "fp16"),
+    ("_batch_grad_x_kernel", {"VARIANT": 1, "TRAINING": True}, "bf16"),
+    ("_batch_grad_x_kernel", {"VARIANT": 2, "TRAINING": False}, "fp32"),
+    ("_sample_forward_kernel", {"HAS_V": True, "CENTERED": False}, "bf16"),
+    ("_sample_sums_kernel", {"HAS_V": False}, "fp32"),
+    ("_sample_grad_x_kernel", {"HAS_V": True, "CENTERED": True}, "fp32"),
+    ("_sample_grad_x_kernel", {"HAS_V": False, "CENTERED": False}, "bf16"),
+]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernels, which the interpreter replaces")
+def test_kernels_compile_for_cuda():
+    """Every kernel compiles to a CUDA binary (sm_90) without a GPU: what the interpreter cannot check (typing of
+    loop-carried values, constexpr branches, pointer casts)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from evonorm import triton_kernels
+
+    pointers = {"ws_ptr", "w_ptr", "bias_ptr", "v_ptr", "rv_ptr"}
+    tensors = {"x_ptr", "y_ptr", "gy_ptr", "gx_ptr"}
+    blocks = {"BLOCK_R": 16, "BLOCK_L": 64, "BLOCK_N": 32, "BLOCK_G": 4}
+    for name, constexprs, dtype in CUDA_BUILDS:
+        kernel = getattr(triton_kernels, name)
+        params = list(kernel.signature.parameters)
+        constexprs = {**constexprs, **{k: v for k, v in blocks.items() if k in params}}
+        signature = {p: "constexpr" if p in constexprs else "*fp32" if p in pointers else f"*{dtype}"
+                     if p in tensors else "fp32" if p in ("eps", "momentum") else "i32" for p in params}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+        except RuntimeError as err:
+            if "ptxas" in str(err) and "not found" in str(err):
+                pytest.skip(f"no ptxas for the CUDA backend: {err}")
+            raise
+        assert compiled.asm["cubin"], name

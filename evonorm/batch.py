@@ -5,14 +5,19 @@ y = x / max(sqrt(var_{N,H,W}(x) + eps), instance_term(x)) * weight + bias, where
   B1: (x + 1) * sqrt(mean_{H,W}(x^2) + eps)
   B2: sqrt(mean_{H,W}(x^2) + eps) - x
 No mean is subtracted anywhere. ``apply_act=False`` is the reference's affine-only layer.
+The batch variance is per device as in the reference; ``sync_stats=True`` (an explicit, logged option) all-reduces it
+across the processes of the default process group in training, as SyncBatchNorm does (plain formulas, not the fused
+kernels).
 ``impl="fast"`` (default) runs the layer with activation as one autograd function (evonorm.fused); ``"reference"``
 keeps the plain ops below (needed for double backward).
 """
 from __future__ import annotations
 
 import logging
+from functools import cache
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .common import check_impl, check_input, check_linear, per_channel, stats_dtype
@@ -34,6 +39,7 @@ class _EvoNormBatch(nn.Module):
         momentum: float = 0.1,
         linear: str = "affine",
         impl: str = "fast",
+        sync_stats: bool = False,
         device=None,
         dtype=None,
     ):
@@ -45,6 +51,9 @@ class _EvoNormBatch(nn.Module):
         self.momentum = momentum
         self.linear = check_linear(linear)
         self.impl = check_impl(impl)
+        self.sync_stats = sync_stats
+        if sync_stats:
+            _log_sync_stats()
         if not apply_act and linear == "normalize":
             log.info("%s(%d): linear='normalize' divides by the batch std (the reference is affine only)",
                      type(self).__name__, num_features)
@@ -62,17 +71,22 @@ class _EvoNormBatch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features)
-        if (not self.apply_act and self.linear == "affine") or x.shape[0] == 0:
+        if not self.apply_act and self.linear == "affine":
             return self.affine(x)
-        if self.impl == "fast" and self.apply_act:
+        synced = self.sync_stats and self.training and dist.is_available() and dist.is_initialized()
+        if x.shape[0] == 0 and not synced:  # synced: an empty share still takes part in the all-reduce
+            return self.affine(x)
+        if self.impl == "fast" and self.apply_act and not synced:
             return evonorm_batch(x, self.weight, self.bias, getattr(self, "v", None), self.running_var,
                                  variant=self.variant, eps=self.eps, momentum=self.momentum, training=self.training)
         xs = x.to(stats_dtype(x))
         if self.training:
-            var = xs.var(dim=(0, 2, 3), unbiased=False)
+            var = synced_batch_var(xs) if synced else xs.var(dim=(0, 2, 3), unbiased=False)
             update_running_var(self.running_var, var, self.momentum)
         else:
             var = self.running_var.to(xs.dtype)
+        if x.shape[0] == 0:
+            return self.affine(x)
         den = per_channel(var.add(self.eps).sqrt())
         if self.apply_act:
             den = torch.maximum(den, self.instance_term(xs))
@@ -80,7 +94,24 @@ class _EvoNormBatch(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, apply_act={self.apply_act}, eps={self.eps}, momentum={self.momentum}, "
-                f"linear={self.linear!r}, impl={self.impl!r}")
+                f"linear={self.linear!r}, impl={self.impl!r}" + (", sync_stats=True" if self.sync_stats else ""))
+
+
+@cache
+def _log_sync_stats() -> None:
+    log.info("EvoNorm B-series: sync_stats=True, the batch variance is all-reduced across processes in training "
+             "(the reference keeps it per device); such layers run the plain formulas, not the fused kernels")
+
+
+def synced_batch_var(x: torch.Tensor) -> torch.Tensor:
+    """Biased variance over (N, H, W) of the batches of all processes, differentiable (the backward all-reduces the
+    gradients too). Mean first, then centred squares: exact for a large mean; shares may differ in size."""
+    from torch.distributed.nn.functional import all_reduce
+
+    count = x.new_full((1,), x.numel() // x.shape[1])
+    totals = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+    mean = totals[:-1] / totals[-1]
+    return all_reduce((x - per_channel(mean)).square().sum(dim=(0, 2, 3))) / totals[-1]
 
 
 def instance_std(x: torch.Tensor, eps: float) -> torch.Tensor:

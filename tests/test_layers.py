@@ -427,3 +427,61 @@ def test_param_groups_weight_decay():
     assert Counter(map(id, no_decay["params"])) == Counter(map(id, [conv.bias, head.bias, *norm_params]))
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert Counter(map(id, decay["params"] + no_decay["params"])) == Counter(trainable)
+
+
+# ---------------------------------------------------------------- sync_stats (B-series, several processes)
+
+def _sync_stats_worker(rank, world, init_file, x, grad_y, states, out_dir):
+    """One process of the two-process run: its share of the batch (3 and 1 samples), gradients summed afterwards
+    as DDP would."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        share = slice(0, 3) if rank == 0 else slice(3, None)
+        results = {}
+        for name, state in states.items():
+            layer = make(name, x.shape[1], "fast", sync_stats=True)
+            layer.load_state_dict(state)
+            xl = x[share].clone().requires_grad_()
+            y = layer(xl)
+            y.backward(grad_y[share])
+            grads = [p.grad for p in layer.parameters()]
+            for g in grads:
+                dist.all_reduce(g)
+            results[name] = {"y": y.detach(), "x_grad": xl.grad, "grads": grads, "running_var": layer.running_var}
+        torch.save(results, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_stats_two_processes_match_one_batch(tmp_path):
+    """sync_stats=True on two gloo processes with uneven shares equals one process on the whole batch: outputs,
+    input and parameter gradients, running variance."""
+    x, grad_y = sample_input((4, 6, 5, 3)), torch.randn(4, 6, 5, 3, dtype=torch.float64)
+    layers = {name: randomize(make(name, 6, "reference")) for name in B_SERIES}
+    states = {name: {k: v.clone() for k, v in layer.state_dict().items()} for name, layer in layers.items()}
+    torch.multiprocessing.spawn(_sync_stats_worker, args=(2, tmp_path / "init", x, grad_y, states, tmp_path),
+                                nprocs=2)
+    shares = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for name, layer in layers.items():
+        xf = x.clone().requires_grad_()
+        y = layer(xf)
+        y.backward(grad_y)
+        got = [s[name] for s in shares]
+        assert_close(torch.cat([g["y"] for g in got]), y.detach(), **TOL)
+        assert_close(torch.cat([g["x_grad"] for g in got]), xf.grad, **TOL)
+        for rank_result in got:
+            for g, p in zip(rank_result["grads"], layer.parameters()):
+                assert_close(g, p.grad, **TOL)
+            assert_close(rank_result["running_var"], layer.running_var, **TOL)
+
+
+@pytest.mark.parametrize("name", B_SERIES)
+def test_sync_stats_is_off_by_default_and_per_device_without_a_process_group(name):
+    assert make(name, 6).sync_stats is False
+    x = sample_input((4, 6, 5, 3))
+    plain, synced = make(name, 6), make(name, 6, sync_stats=True)
+    assert_close(synced(x), plain(x), **TOL)
+    assert_close(synced.running_var, plain.running_var, **TOL)
+    assert "sync_stats=True" in repr(synced)

@@ -123,14 +123,16 @@ def _chunk(rows, start, R, L, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def _tile(R, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """(rows, element offsets, mask, first column chunk?) of this program's tile. The grid is 1D over tiles: a 2D
+def _tile(N, C, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's tile of the (N*C, L) rows: (rows, their channels, valid rows, element offsets, mask, writer
+    rows: the rows of sample 0 when the tile holds their first column chunk). The grid is 1D over tiles: a 2D
     grid's second axis stops at 65535 blocks."""
     col_blocks = tl.cdiv(L, BLOCK_L)
     pid = tl.program_id(0)
     rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs, mask = _chunk(rows, (pid % col_blocks) * BLOCK_L, R, L, BLOCK_L)
-    return rows, offs, mask, pid % col_blocks == 0
+    offs, mask = _chunk(rows, (pid % col_blocks) * BLOCK_L, N * C, L, BLOCK_L)
+    ok = rows < N * C
+    return rows, rows % C, ok, offs, mask, ok & (rows < C) & (pid % col_blocks == 0)
 
 
 @triton.jit
@@ -237,17 +239,13 @@ def _batch_r(x, a, b):
 def _batch_forward_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, rv_ptr, N, C, L, eps, momentum,
                           VARIANT: tl.constexpr, TRAINING: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
-    R = N * C
-    rows, offs, mask, first = _tile(R, L, BLOCK_R, BLOCK_L)
-    ok = rows < R
-    c = rows % C
-    mean_ptr, var_ptr, bstd_ptr, _ = _layout(ws_ptr, C, R)
+    rows, c, ok, offs, mask, writer = _tile(N, C, L, BLOCK_R, BLOCK_L)
+    mean_ptr, var_ptr, bstd_ptr, _ = _layout(ws_ptr, C, N * C)
     if TRAINING:
         batch_var = _batch_variance(mean_ptr, var_ptr, c, ok, N, C, BLOCK_N)
     else:
         batch_var = _load(rv_ptr, c, ok)
     bstd = tl.sqrt(batch_var + eps)
-    writer = ok & (rows < C) & first
     tl.store(bstd_ptr + c, bstd, mask=writer)  # read by the backward only
     if TRAINING:  # rv <- lerp(rv, batch_var, momentum) where the batch variance is finite (torch.lerp's formula)
         rv = _load(rv_ptr, c, writer)
@@ -305,9 +303,7 @@ def _batch_grad_x_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C, L, e
                          BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
     """grad_x = (gy / r - a q_inst) scale + k1 (x - mean) + k0, and the parameter gradients (writers)."""
     R = N * C
-    rows, offs, mask, first = _tile(R, L, BLOCK_R, BLOCK_L)
-    ok = rows < R
-    c = rows % C
+    rows, c, ok, offs, mask, writer = _tile(N, C, L, BLOCK_R, BLOCK_L)
     mean_ptr, _, _, sums_ptr = _layout(ws_ptr, C, R)
     mean, alpha, beta, bstd, w = _batch_coefficients(ws_ptr, w_ptr, v_ptr, rows, ok, C, R, eps, VARIANT)
     w_ss = w / (bstd * bstd)  # dL/d den = -w_ss q
@@ -332,7 +328,6 @@ def _batch_grad_x_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C, L, e
     q_inst = tl.where(r > 1.0, gy * x / (r * r), 0.0)
     gx = (gy / r - a[:, None] * q_inst) * (w / bstd)[:, None] + k1[:, None] * (x - mean[:, None]) + k0[:, None]
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    writer = ok & (rows < C) & first
     tl.store(ws_ptr + c, _sum_over_batch(sums_ptr + R, c, writer, N, C, BLOCK_N) / bstd, mask=writer)
     tl.store(ws_ptr + C + c, _sum_over_batch(sums_ptr, c, writer, N, C, BLOCK_N), mask=writer)
     if VARIANT == 0:
@@ -407,10 +402,7 @@ def _rstd_dot_over_batch(ptr, mean_ptr, var_ptr, c, ok, N, C, G, eps, CENTERED: 
 def _sample_forward_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, N, C, L, G, eps,
                            HAS_V: tl.constexpr, CENTERED: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    R = N * C
-    rows, offs, mask, _ = _tile(R, L, BLOCK_R, BLOCK_L)
-    ok = rows < R
-    c = rows % C
+    rows, c, ok, offs, mask, _ = _tile(N, C, L, BLOCK_R, BLOCK_L)
     mean_ptr, var_ptr, _, _ = _layout(ws_ptr, C, N * G)
     rstd, _ = _group_rstd(mean_ptr, var_ptr, (rows // C) * G + c // (C // G), ok, eps, CENTERED)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
@@ -453,9 +445,7 @@ def _sample_grad_x_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C, L, 
     weight gy num; and the parameter gradients (writers)."""
     R = N * C
     per_group = C // G
-    rows, offs, mask, first = _tile(R, L, BLOCK_R, BLOCK_L)
-    ok = rows < R
-    c = rows % C
+    rows, c, ok, offs, mask, writer = _tile(N, C, L, BLOCK_R, BLOCK_L)
     mean_ptr, var_ptr, _, sums_ptr = _layout(ws_ptr, C, N * G)
     rstd, center = _group_rstd(mean_ptr, var_ptr, (rows // C) * G + c // per_group, ok, eps, CENTERED)
     w = _load(w_ptr, c, ok)
@@ -474,7 +464,6 @@ def _sample_grad_x_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C, L, 
     s = tl.sigmoid(z)
     gx = gy * (s + z * s * (1 - s)) * (rstd * w)[:, None] + k1[:, None] * (x - center[:, None])
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    writer = ok & (rows < C) & first
     tl.store(ws_ptr + c, _rstd_dot_over_batch(sums_ptr + R, mean_ptr, var_ptr, c, writer, N, C, G, eps, CENTERED,
                                               BLOCK_N), mask=writer)
     tl.store(ws_ptr + C + c, _sum_over_batch(sums_ptr, c, writer, N, C, BLOCK_N), mask=writer)

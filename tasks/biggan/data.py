@@ -14,30 +14,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 
 from tasks.common.datasets import DatasetError, load_cifar10, load_fashion_mnist
 
 SPLITS = ("val", "test")
-
-
-class InMemoryImages(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-    def __getitems__(self, indices):
-        idx = torch.as_tensor(indices)
-        return self.images[idx], self.labels[idx]
-
-
-def keep_batch(batch):
-    return batch
 
 
 def fashion_mnist_as_rgb32(images: torch.Tensor) -> torch.Tensor:
@@ -98,10 +79,10 @@ class GanData(pl.LightningDataModule):
             val_idx, train_idx = perm[:self.val_size], perm[self.val_size:]
             if self.limit_train is not None:
                 train_idx = train_idx[:self.limit_train]
-            self.train_set = InMemoryImages(train_x[train_idx], train_y[train_idx])
+            self.train_set = TensorDataset(train_x[train_idx], train_y[train_idx])
             test_perm = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(self.split_seed))
-            self.real_sets = {"val": InMemoryImages(train_x[val_idx], train_y[val_idx]),
-                              "test": InMemoryImages(test_x[test_perm], test_y[test_perm])}
+            self.real_sets = {"val": TensorDataset(train_x[val_idx], train_y[val_idx]),
+                              "test": TensorDataset(test_x[test_perm], test_y[test_perm])}
         for split in SPLITS:
             if len(self.real_sets[split]) < self.fid_samples[split]:
                 raise DatasetError(f"{split} holds {len(self.real_sets[split])} real images, fewer than the "
@@ -124,14 +105,19 @@ class GanData(pl.LightningDataModule):
             perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed))
             self.real_sets[split] = torch.utils.data.Subset(full, perm.tolist())
 
-    # --- loaders ---------------------------------------------------------------------------------------------
+    # --- loaders: in-memory sets are indexed a whole batch at a time (a TensorDataset takes a list of indices) ----
+    def _loader(self, dataset: Dataset, sampler, batch_size: int) -> DataLoader:
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                   "pin_memory": torch.cuda.is_available()}
+        if isinstance(dataset, TensorDataset):
+            return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
+                              **workers)
+        return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **workers)
+
     def train_dataloader(self):
         per_step = self.batch_size * self.draws_per_step
         sampler = RandomSampler(self.train_set, num_samples=self.steps_per_epoch * per_step)
-        in_memory = isinstance(self.train_set, InMemoryImages)
-        return DataLoader(self.train_set, batch_size=per_step, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, collate_fn=keep_batch if in_memory else None,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        return self._loader(self.train_set, sampler, per_step)
 
     def latent_loader(self, split: str) -> DataLoader:
         seed = self.latent_seed + SPLITS.index(split)
@@ -146,10 +132,8 @@ class GanData(pl.LightningDataModule):
 
     def real_loader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The first ``fid_samples`` held-out real images of ``split`` (this rank's share): (uint8 images, labels)."""
-        subset = torch.utils.data.Subset(self.real_sets[split], range(rank, self.fid_samples[split], world_size))
-        in_memory = isinstance(self.real_sets[split], InMemoryImages)
-        return DataLoader(subset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                          collate_fn=keep_batch if in_memory else None)
+        indices = range(rank, self.fid_samples[split], world_size)
+        return self._loader(self.real_sets[split], indices, self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         if self.trainer is not None and self.trainer.training:

@@ -98,10 +98,12 @@ def collect_records(dirs: list[Path]) -> list[dict]:
 
 
 def in_order_of_first_run(records: list[dict], key) -> list[str]:
-    """Values in the order a sweep ran them (its grid order), not alphabetically."""
-    first: dict[str, float] = {}
+    """Values in a sweep's grid order (its job numbers, then start times), not alphabetically."""
+    first: dict[str, tuple] = {}
     for record in records:
-        first[key(record)] = min(first.get(key(record), record["_time"]), record["_time"])
+        job = record.get("sweep_job")
+        order = (float("inf") if job is None else job, record["_time"])
+        first[key(record)] = min(first.get(key(record), order), order)
     return sorted(first, key=first.get)
 
 

@@ -23,7 +23,7 @@ from evonorm import norm_act_factory
 from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat
 from pipelines.loggers import build_loggers, finish_wandb
 from pipelines.records import RESULTS_FILE, effective_status, process_identity, read_record, write_record
-from pipelines.sweep import relaunch_ddp_as_this_job
+from pipelines.sweep import multirun_job_num, relaunch_ddp_as_this_job
 from pipelines.sync_batchnorm import trainer_arguments
 from tasks import build_task
 
@@ -128,6 +128,7 @@ def run(cfg: DictConfig) -> dict:
         "wall_time_s": None, "params": None, "git_commit": git_commit(), "output_dir": str(output_dir),
         "resumed_from": str(ckpt_path) if ckpt_path else None, "error": None,
         **process_identity(), "started_at": started, "heartbeat": started, "heartbeat_interval_s": cfg.heartbeat_s,
+        "sweep_job": multirun_job_num(),
         "previous_attempts": [*previous.get("previous_attempts", []), attempt_summary(previous)] if previous else [],
         "config": config,
     }

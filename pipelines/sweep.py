@@ -21,6 +21,11 @@ def multirun_sweep_dir() -> Path | None:
     return Path(HydraConfig.get().sweep.dir)
 
 
+def multirun_job_num() -> int | None:
+    """This job's number in its multirun (the grid order), else None."""
+    return HydraConfig.get().job.num if multirun_sweep_dir() is not None else None
+
+
 def relaunch_ddp_as_this_job(output_dir: Path) -> None:
     """Lightning re-launches DDP ranks as ``python run.py <original argv> hydra.run.dir=<run dir>``: in a multirun
     that would start the whole sweep again in every rank. Make the re-launch run this job alone, in its own dir."""

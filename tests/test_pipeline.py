@@ -1,6 +1,8 @@
 """The run pipeline end to end on tiny real data: every layer trains, records are written, failures and resume."""
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 from evonorm import NORM_ACT_NAMES
-from pipelines.run import run
+from pipelines.callbacks import FiniteLossCheck
+from pipelines.records import write_record
+from pipelines.run import RunDirConflict, newest_checkpoint, run
 from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
 
 RECORD_KEYS = {"status", "task", "norm", "model", "dataset", "seed", "test", "best_val", "steps", "epochs",
@@ -48,6 +52,79 @@ def test_failed_run_writes_record(compose_cfg, tmp_path):
     saved = read_record(tmp_path)
     assert saved["status"] == "failed"
     assert "Fashion-MNIST not found" in saved["error"] and "apt-get install dataset-fashion-mnist" in saved["error"]
+    # failed before the first step: no checkpoint of an untrained model, and the error does not point to one
+    assert "ckpt_path" not in saved["error"] and not (tmp_path / "checkpoints" / "on_exception.ckpt").exists()
+    assert saved["pid"] == os.getpid() and saved["host"] == socket.gethostname()
+
+
+def crash_at_step(monkeypatch, step):
+    def crash(self, trainer, *args):
+        if trainer.global_step == step:
+            raise RuntimeError("simulated crash")
+    monkeypatch.setattr(FiniteLossCheck, "on_train_batch_end", crash)
+
+
+def test_rerun_in_the_same_dir_skips_completed_and_resumes_killed(compose_cfg, tmp_path, monkeypatch):
+    """A run killed with SIGKILL leaves `running` with a pid that is gone: a re-run resumes it from last.ckpt."""
+    cfg = compose_cfg("norm=b0", "task.epochs=2", "heartbeat_s=0")
+    crash_at_step(monkeypatch, 12)  # mid epoch 2, after last.ckpt of epoch 1 (step 8)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg)
+    crashed = read_record(tmp_path)
+    assert crashed["status"] == "failed" and "resume with ckpt_path=" in crashed["error"]
+    assert crashed["heartbeat"] > crashed["started_at"]
+    # what SIGKILL would have left: no crash checkpoint, a `running` record of a process that is gone
+    (tmp_path / "checkpoints" / "on_exception.ckpt").unlink()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    write_record(tmp_path, {**crashed, "status": "running", "error": None, "pid": gone.pid})
+    monkeypatch.undo()
+    resumed = run(cfg)
+    assert resumed["status"] == "completed" and resumed["steps"] == 16
+    assert resumed["resumed_from"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert [a["status"] for a in resumed["previous_attempts"]] == ["dead"]
+    assert run(cfg) == resumed  # completed: skipped, the record stays as it is
+
+
+def test_a_live_run_or_another_configuration_is_not_overwritten(compose_cfg, tmp_path):
+    write_record(tmp_path, {"status": "running", "task": "classification", "pid": os.getpid(),
+                            "host": socket.gethostname(), "heartbeat": time.time()})
+    with pytest.raises(RunDirConflict, match="being run right now"):
+        run(compose_cfg())
+    write_record(tmp_path, {**read_record(tmp_path), "status": "failed", "config": {"seed": 1}})
+    with pytest.raises(RunDirConflict, match="another configuration .*seed"):
+        run(compose_cfg())
+
+
+def test_newest_checkpoint_prefers_the_later_of_crash_and_last(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    assert newest_checkpoint(tmp_path) is None
+    (ckpt_dir / "on_exception.ckpt").write_bytes(b"")
+    (ckpt_dir / "last.ckpt").write_bytes(b"")
+    os.utime(ckpt_dir / "last.ckpt", (1, 1))
+    assert newest_checkpoint(tmp_path) == ckpt_dir / "on_exception.ckpt"
+
+
+def test_sync_batchnorm_keeps_the_activation(compose_cfg):
+    """torch's convert_sync_batchnorm turns BN-ReLU into a plain SyncBatchNorm; ours keeps norm + act."""
+    from torch import nn
+
+    from evonorm import norm_act
+    from evonorm.baselines import BatchNormAct2d, SyncBatchNormAct2d
+    from pipelines.sync_batchnorm import NormActSyncBatchNorm, trainer_arguments
+
+    kwargs = trainer_arguments(compose_cfg("trainer.sync_batchnorm=true").trainer)
+    assert "sync_batchnorm" not in kwargs and isinstance(kwargs["plugins"][0], NormActSyncBatchNorm)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm_act("bn_relu", 8), nn.BatchNorm2d(8))
+    x = torch.randn(2, 3, 8, 8)
+    expected, weight = model(x), model[1].weight
+    synced = kwargs["plugins"][0].apply(model)
+    assert type(synced[1]) is SyncBatchNormAct2d and synced[1].weight is weight
+    assert type(synced[2]) is nn.SyncBatchNorm
+    assert torch.equal(synced(x), expected) and (synced[1](torch.randn(2, 8, 4, 4)) >= 0).all()
+    reverted = kwargs["plugins"][0].revert(synced)
+    assert type(reverted[1]) is BatchNormAct2d and isinstance(reverted[1].act, nn.ReLU)
 
 
 def test_bad_test_ckpt_is_rejected(compose_cfg, tmp_path):

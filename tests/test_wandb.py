@@ -1,4 +1,5 @@
-"""wandb runs offline without a login, one wandb run per Hydra job, named <task>-<norm>-<seed>."""
+"""wandb runs offline without a login, one wandb run per Hydra job, named <task>-<norm>-s<seed>, grouped by
+sweep, tagged with task, layer and model; the sweep's transfer table goes to wandb too."""
 import os
 import subprocess
 import sys
@@ -34,4 +35,11 @@ def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
         assert '"status": "completed"' in (job_dir / "results.json").read_text()
         runs = list((job_dir / "wandb").glob("offline-run-*"))
         assert len(runs) == 1
-        assert any(runs[0].glob("run-*.wandb"))
+        run_file = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records: the strings are verbatim
+        for expected in (f"classification-{norm}-s0", "sweep", "classification", norm, "preact_resnet_cifar"):
+            assert expected.encode() in run_file
+        assert f"classification-{'gn_relu' if norm == 'b0' else 'b0'}-s0".encode() not in run_file
+    report_runs = list((tmp_path / "sweep" / "wandb").glob("offline-run-*"))
+    assert len(report_runs) == 1
+    report_file = next(report_runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"transfer-report" in report_file and b"transfer/table" in report_file

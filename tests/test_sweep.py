@@ -1,0 +1,90 @@
+"""The transfer sweep end to end at tiny sizes: Hydra multirun over tasks x layers with per-task budgets, a failing
+job, the report written by the sweep, the exit status, a second invocation that skips, the submitit launcher."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+# Per-task tiny budgets, selected like the transfer demo's: conf/budget/<experiment>/<task>.yaml.
+TINY_BUDGETS = {
+    "classification": {"task": {"epochs": 1, "model": {"width": 8},
+                                "data": {"limit_train": 512, "limit_eval": 256, "batch_size": 64}}},
+    "biggan": {"task": {"epochs": 1, "model": {"g_ch": 4, "d_ch": 4, "shared_dim": 16},
+                        "data": {"batch_size": 8, "steps_per_epoch": 3, "limit_train": 256, "val_size": 64,
+                                 "eval_batch_size": 16},
+                        "metrics": {"fid_samples": 16, "test_fid_samples": 16, "image_size": 32, "is_splits": 2,
+                                    "grid_columns": 2}}},
+}
+QUIET = {"logger": {"name": "none"}, "trainer": {"enable_progress_bar": False, "num_sanity_val_steps": 0}}
+
+
+def write_tiny_study(root, tasks, norms):
+    """A test-only experiment (and a layer name the factory rejects) in a config dir on Hydra's search path."""
+    for task in tasks:
+        (root / "budget" / "tiny_study").mkdir(parents=True, exist_ok=True)
+        (root / "budget" / "tiny_study" / f"{task}.yaml").write_text(yaml.safe_dump(TINY_BUDGETS[task]))
+    (root / "experiment").mkdir()
+    sweep = {"hydra": {"sweeper": {"params": {"task": ",".join(tasks), "norm": ",".join(norms)}}}}
+    (root / "experiment" / "tiny_study.yaml").write_text("# @package _global_\n" + yaml.safe_dump({**QUIET, **sweep}))
+    (root / "norm").mkdir()
+    (root / "norm" / "not_a_layer.yaml").write_text("name: not_a_layer\nkwargs: {}\n")
+
+
+def sweep(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "run.py", "-m", "experiment=tiny_study", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+         *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def test_transfer_sweep_report_failures_and_rerun(tmp_path):
+    tasks, norms = ["classification", "biggan"], ["bn_relu", "s0", "not_a_layer"]
+    write_tiny_study(tmp_path / "conf", tasks, norms)
+    sweep_dir = tmp_path / "sweep"
+    first = sweep(tmp_path, f"hydra.sweep.dir={sweep_dir}")
+    assert first.returncode == 2, first.stderr[-3000:]  # the two not_a_layer jobs failed; the others ran
+    records = {(r["task"], r["norm"]["name"]): r for r in
+               (json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json"))}
+    assert len(records) == 6
+    failed = records[("classification", "not_a_layer")]
+    assert failed["status"] == "failed" and "unknown" in failed["error"] and "ckpt_path" not in failed["error"]
+    # each task ran with its own budget while `task` was swept
+    assert records[("classification", "s0")]["config"]["task"]["data"]["limit_train"] == 512
+    assert records[("classification", "s0")]["steps"] == 512 // 64
+    assert records[("biggan", "s0")]["config"]["task"]["data"]["steps_per_epoch"] == 3
+
+    with open(sweep_dir / "transfer.csv") as f:
+        rows = {row["layer"]: row for row in csv.DictReader(f)}
+    assert list(rows) == norms
+    for (task, norm), record in records.items():
+        if norm == "not_a_layer":
+            assert rows[norm][f"{task}.outcomes"] == "1 failed" and rows[norm][f"{task}.mean"] == ""
+            continue
+        metric = rows[norm][f"{task}.metric"]
+        assert metric == "test/" + record["monitor"].removeprefix("val/")
+        assert float(rows[norm][f"{task}.mean"]) == record["test"][metric]
+        assert rows[norm][f"{task}.n"] == "1" and rows[norm][f"{task}.outcomes"] == "1 completed"
+    assert (sweep_dir / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| not_a_layer | 1 failed |" in (sweep_dir / "transfer.md").read_text()
+
+    second = sweep(tmp_path, f"+resume={sweep_dir}")
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stdout.count("completed already") == 4
+    for (task, norm), record in records.items():
+        again = json.loads(next(sweep_dir.glob(f"*-{task}-{norm}-s0/results.json")).read_text())
+        assert (again == record) == (norm != "not_a_layer")  # completed kept as is, failed ones retried
+
+
+def test_submitit_local_launcher_runs_one_process_per_job(tmp_path):
+    write_tiny_study(tmp_path / "conf", ["classification"], ["bn_relu", "gn_relu"])
+    out = sweep(tmp_path, f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=submitit_local")
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/results.json")]
+    assert sorted(r["norm"]["name"] for r in records if r["status"] == "completed") == ["bn_relu", "gn_relu"]
+    assert len({r["pid"] for r in records}) == 2  # each job in its own process
+    assert "| gn_relu |" in (tmp_path / "sweep" / "transfer.md").read_text()

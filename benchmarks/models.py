@@ -1,4 +1,10 @@
-"""Model benchmark: one training step (forward, backward, SGD step) of a classification model per norm-act layer.
+"""Model benchmark: one training step (forward, backward, SGD step) of a model per norm-act layer.
+
+Models: a classification model (``--arch preact_resnet50`` ...) on random images and labels, or Mask R-CNN
+(``--arch maskrcnn_r50_fpn`` / ``maskrcnn_r18_fpn``: our pre-activation ResNet-FPN with the layer at every norm
+position) on random images with three random objects each; for Mask R-CNN torchvision's stock
+``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` (BatchNorm, TwoMLPHead box head, no norm in FPN or
+heads) runs too, as ``torchvision/stock``.
 
 Reports the median step time, peak memory of the step and the bytes autograd saves for backward, each as a ratio
 to BN-ReLU measured in the same invocation. Every case runs in its own child process, so that its peak memory is
@@ -8,6 +14,7 @@ before the first step. Children run one after another in ``--passes`` interleave
     python benchmarks/models.py                                   # ResNet-50, bn_relu/gn_relu/b0/s0, batch 16
     python benchmarks/models.py --layers bn_relu,s0 --batch 8 --size 160
     python benchmarks/models.py --quick                           # tiny smoke run
+    python benchmarks/models.py --arch maskrcnn_r50_fpn --batch 2 --size 320 --impls fast
 """
 from __future__ import annotations
 
@@ -28,6 +35,10 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import evonorm  # noqa: E402
 from benchmarks.layers import BASELINE, EVONORM_NAMES, saved_bytes  # noqa: E402
 from tasks.classification.models import build_model  # noqa: E402
+from tasks.maskrcnn.model import build_maskrcnn  # noqa: E402
+
+DETECTORS = {"maskrcnn_r50_fpn": "preact_resnet50", "maskrcnn_r18_fpn": "preact_resnet18"}
+STOCK = ("torchvision", "stock")
 
 
 def rss_bytes() -> int:
@@ -35,22 +46,55 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def classifier_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: torch.device):
+    """(model, input, loss of the model's output)."""
+    kwargs = {"impl": impl} if impl != "torch" else {}
+    model = build_model(arch, evonorm.norm_act_factory(layer, **kwargs), 1000)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    return model, x, lambda out: torch.nn.functional.cross_entropy(out, y)
+
+
+def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: torch.device):
+    """(model, [images, targets], summed losses); the COCO defaults of our model at ``size`` px, 81 classes."""
+    if (layer, impl) == STOCK:
+        from torchvision.models.detection import maskrcnn_resnet50_fpn
+        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    else:
+        kwargs = {"impl": impl} if impl != "torch" else {}
+        model = build_maskrcnn(evonorm.norm_act_factory(layer, **kwargs), 81, DETECTORS[arch],
+                               train_sizes=(size,), test_size=size, max_size=size)
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=gen).to(dev) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        corner = torch.rand(3, 2, generator=gen) * size * 0.6
+        boxes = torch.cat([corner, corner + size * (0.1 + 0.3 * torch.rand(3, 2, generator=gen))], 1).round()
+        masks = torch.zeros(3, size, size, dtype=torch.uint8)
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+            m[y0:y1, x0:x1] = 1
+        targets.append({"boxes": boxes.to(dev), "labels": torch.randint(1, 81, (3,), generator=gen).to(dev),
+                        "masks": masks.to(dev)})
+    return model, [images, targets], lambda losses: sum(losses.values())
+
+
 def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str) -> dict:
     """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes."""
     dev = torch.device(device)
-    kwargs = {"impl": impl} if impl != "torch" else {}
-    model = build_model(arch, evonorm.norm_act_factory(layer, **kwargs), 1000).to(dev).train()
+    torch.manual_seed(0)
+    case = detector_case if arch in DETECTORS else classifier_case
+    model, x, loss_of = case(arch, layer, impl, batch, size, dev)
+    model = model.to(dev).train()
     optimizer = torch.optim.SGD(evonorm.param_groups_weight_decay(model, 1e-4), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device=dev)
-    y = torch.randint(0, 1000, (batch,), device=dev)
+    args = x if isinstance(x, list) else [x]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        loss_of(model(*args)).backward()
         optimizer.step()
 
-    saved = saved_bytes(model, x)
+    saved = saved_bytes(model, x) if case is classifier_case else 0  # detection: RoI sampling varies per call
     base_rss = rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -70,20 +114,21 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     return {"step_ms": statistics.median(times), "peak_bytes": peak, "saved_bytes": saved}
 
 
-def cases(layers: list[str]) -> list[tuple[str, str]]:
+def cases(layers: list[str], impls: list[str], detector: bool = False) -> list[tuple[str, str]]:
     out = [BASELINE]
     for name in layers:
         if name in EVONORM_NAMES:
-            out += [(name, "fast"), (name, "reference")]
+            out += [(name, impl) for impl in impls]
         elif (name, "torch") != BASELINE:
             out.append((name, "torch"))
-    return out
+    return out + [STOCK] if detector else out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="preact_resnet50")
     parser.add_argument("--layers", default="bn_relu,gn_relu,b0,s0")
+    parser.add_argument("--impls", default="fast,reference", help="EvoNorm implementations to run")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per child, after one warm-up step")
@@ -105,7 +150,7 @@ def main(argv=None):
 
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.passes):
-        for layer, impl in cases(args.layers.split(",")):
+        for layer, impl in cases(args.layers.split(","), args.impls.split(","), args.arch in DETECTORS):
             spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
                         steps=args.steps, device=args.device)
             print(f"{layer}/{impl} ...", file=sys.stderr, flush=True)

@@ -141,10 +141,12 @@ class StepSampler(Sampler[int]):
 
 
 class DetectionData(pl.LightningDataModule):
-    """Train on the train split; validate on the first ``val_size`` val images, test on all of them."""
+    """Train on the train split; validate on the first ``val_size`` val images, test on the first ``test_size``
+    (None: all)."""
 
     def __init__(self, name: str = "fashion_scenes", steps: int = 400, epochs: int = 1, batch_size: int = 4,
-                 eval_batch_size: int = 8, num_workers: int = 0, val_size: int | None = None, hflip: bool = True,
+                 eval_batch_size: int = 8, num_workers: int = 0, val_size: int | None = None,
+                 test_size: int | None = None, hflip: bool = True,
                  train_images: str | None = None, train_ann: str | None = None, val_images: str | None = None,
                  val_ann: str | None = None, generate: dict | None = None, fashion_root: str | None = None,
                  cache_dir: str | None = None, seed: int = 0):
@@ -169,12 +171,13 @@ class DetectionData(pl.LightningDataModule):
         as_float = [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1)]
         self.train_set = DetectionDataset(self.train_coco, v2.Compose(train_tf + as_float), label_of)
         # evaluation reads the images only (COCOeval takes the ground truth from the annotation file)
-        self.test_set = DetectionDataset(self.val_coco, v2.Compose(as_float[:1]), label_of, ("image_id",))
-        self.val_set = (Subset(self.test_set, range(min(val_size, len(self.test_set)))) if val_size
-                        else self.test_set)
+        eval_set = DetectionDataset(self.val_coco, v2.Compose(as_float[:1]), label_of, ("image_id",))
+        first = lambda n: Subset(eval_set, range(min(n, len(eval_set)))) if n else eval_set  # noqa: E731
+        self.val_set, self.test_set = first(val_size), first(test_size)
         log.info("%s: %d train images (%d annotations), %d val images (%d annotations; %d for in-training "
-                 "validation), %d categories", name, len(self.train_set), len(self.train_coco.coco.anns),
-                 len(self.test_set), len(self.val_coco.coco.anns), len(self.val_set), len(categories))
+                 "validation, %d for the test stage), %d categories", name, len(self.train_set),
+                 len(self.train_coco.coco.anns), len(eval_set), len(self.val_coco.coco.anns), len(self.val_set),
+                 len(self.test_set), len(categories))
 
     @staticmethod
     def locate(name, train_images, train_ann, val_images, val_ann, generate, fashion_root, cache_dir):

@@ -61,17 +61,22 @@ def conv_norm_act(cin: int, cout: int, norm_act: NormAct | None) -> nn.Sequentia
 
 
 class ConvFCBoxHead(nn.Module):
-    """Box head "4conv1fc" (Wu & He 2018): four 3x3 convs with norm-act on the 7x7 RoI features, one FC."""
+    """Box head on the 7x7 RoI features: ``num_convs`` 3x3 convs with norm-act, then ``num_fcs`` FC + ReLU.
+
+    4conv1fc (Wu & He 2018, the GN/EvoNorm detectors' head) by default; 0conv2fc is torchvision's TwoMLPHead.
+    """
 
     def __init__(self, cin: int, channels: int, fc_dim: int, norm_act: NormAct | None, num_convs: int = 4,
-                 resolution: int = 7):
+                 num_fcs: int = 1, resolution: int = 7):
         super().__init__()
         self.convs = nn.Sequential(*(conv_norm_act(cin if i == 0 else channels, channels, norm_act)
                                      for i in range(num_convs)))
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(channels * resolution**2, fc_dim), nn.ReLU(inplace=True))
+        fc_in = (channels if num_convs else cin) * resolution**2
+        self.fcs = nn.Sequential(nn.Flatten(), *(layer for i in range(num_fcs) for layer in
+                                                 (nn.Linear(fc_in if i == 0 else fc_dim, fc_dim), nn.ReLU(True))))
 
     def forward(self, x):
-        return self.fc(self.convs(x))
+        return self.fcs(self.convs(x))
 
 
 class MaskHead(nn.Sequential):
@@ -92,7 +97,7 @@ def placement(norm_name: str, norm_in: list[str]) -> dict[str, str]:
 
 def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resnet18",
                    norm_in: tuple[str, ...] = NORM_POSITIONS, fpn_channels: int = 256, head_channels: int = 256,
-                   box_fc_dim: int = 1024, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+                   box_fc_dim: int = 1024, box_head_convs: int = 4, box_head_fcs: int = 1, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
                    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), train_sizes: tuple[int, ...] = (800,),
                    test_size: int = 800, max_size: int = 1333, freeze_norm_stats: bool = False,
                    backbone_ckpt: str | None = None, **detector_kwargs) -> MaskRCNN:
@@ -113,7 +118,7 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
     box_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
     mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
-    box_head = ConvFCBoxHead(fpn_channels, head_channels, box_fc_dim, chosen("heads"))
+    box_head = ConvFCBoxHead(fpn_channels, head_channels, box_fc_dim, chosen("heads"), box_head_convs, box_head_fcs)
     mask_head = MaskHead(fpn_channels, head_channels, chosen("heads"))
     init_weights(box_head), init_weights(mask_head)  # the FPN and torchvision's parts keep their own init
     # multi-scale training: the transform draws the shorter side from min_size when training, uses min_size[-1]
@@ -126,8 +131,8 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
                      **detector_kwargs)
     model.norm_placement = where
     model.freeze_norm_stats = freeze_norm_stats
-    log.info("Mask R-CNN %s-FPN, norm-act per position: %s (standard choice where not in norm_in=%s)%s", arch,
-             ", ".join(f"{pos}={name}" for pos, name in where.items()), list(norm_in),
+    log.info("Mask R-CNN %s-FPN, box head %dconv%dfc, norm-act per position: %s (standard choice where not in "
+             "norm_in=%s)%s", arch, box_head_convs, box_head_fcs, ", ".join(f"{pos}={name}" for pos, name in where.items()), list(norm_in),
              "; batch-dependent layers use frozen running statistics" if freeze_norm_stats else "")
     return model
 

@@ -49,7 +49,7 @@ def scene_params(seed: int, image_size: int, num_train: int, num_val: int, max_i
 
 def ensure_fashion_scenes(cache_dir: str | None = None, fashion_root: str | None = None, seed: int = 0,
                           image_size: int = 128, num_train: int = 4000, num_val: int = 200, max_items: int = 4,
-                          item_scale: tuple[float, float] = (0.15, 0.45)) -> Path:
+                          item_scale: tuple[float, float] = (0.25, 0.6)) -> Path:
     """The folder of the set with these parameters; generated (with a log line) when not cached yet."""
     params = scene_params(seed, image_size, num_train, num_val, max_items, item_scale)
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]

@@ -97,7 +97,8 @@ def placement(norm_name: str, norm_in: list[str]) -> dict[str, str]:
 
 def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resnet18",
                    norm_in: tuple[str, ...] = NORM_POSITIONS, fpn_channels: int = 256, head_channels: int = 256,
-                   box_fc_dim: int = 1024, box_head_convs: int = 4, box_head_fcs: int = 1, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+                   box_fc_dim: int = 1024, box_head_convs: int = 4, box_head_fcs: int = 1,
+                   anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
                    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), train_sizes: tuple[int, ...] = (800,),
                    test_size: int = 800, max_size: int = 1333, freeze_norm_stats: bool = False,
                    backbone_ckpt: str | None = None, **detector_kwargs) -> MaskRCNN:
@@ -132,7 +133,8 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
     model.norm_placement = where
     model.freeze_norm_stats = freeze_norm_stats
     log.info("Mask R-CNN %s-FPN, box head %dconv%dfc, norm-act per position: %s (standard choice where not in "
-             "norm_in=%s)%s", arch, box_head_convs, box_head_fcs, ", ".join(f"{pos}={name}" for pos, name in where.items()), list(norm_in),
+             "norm_in=%s)%s", arch, box_head_convs, box_head_fcs,
+             ", ".join(f"{pos}={name}" for pos, name in where.items()), list(norm_in),
              "; batch-dependent layers use frozen running statistics" if freeze_norm_stats else "")
     return model
 

@@ -32,7 +32,8 @@ def relaunch_ddp_as_this_job(output_dir: Path) -> None:
     if multirun_sweep_dir() is None:
         return
     hydra_cfg = HydraConfig.get()
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")]  # e.g. searchpath
+    sys.argv = [sys.argv[0], *hydra_overrides, *hydra_cfg.overrides.task]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = str(output_dir)
 

@@ -6,9 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from tests.conftest import REPO_ROOT
+from tasks import TASKS
+from tests.conftest import CONF_DIR, REPO_ROOT
 
 # Per-task tiny budgets, selected like the transfer demo's: conf/budget/<experiment>/<task>.yaml.
 TINY_BUDGETS = {
@@ -20,6 +24,12 @@ TINY_BUDGETS = {
                         "metrics": {"fid_samples": 16, "test_fid_samples": 16, "image_size": 32, "is_splits": 2,
                                     "grid_columns": 2}}},
 }
+TINY_BUDGETS["maskrcnn"] = {"task": {
+    "steps": 2, "data": {"batch_size": 2, "eval_batch_size": 4}, "optim": {"num_drawn": 2},
+    "model": {"fpn_channels": 16, "head_channels": 16, "box_fc_dim": 32, "anchor_sizes": [8, 16, 32, 64, 128],
+              "train_sizes": [64], "test_size": 64, "max_size": 64, "rpn_pre_nms_top_n_train": 100,
+              "rpn_post_nms_top_n_train": 50, "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20,
+              "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 16, "box_detections_per_img": 10}}}
 QUIET = {"logger": {"name": "none"}, "trainer": {"enable_progress_bar": False, "num_sanity_val_steps": 0}}
 
 
@@ -40,6 +50,23 @@ def sweep(tmp_path, *overrides):
         [sys.executable, "run.py", "-m", "experiment=tiny_study", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
          *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
         env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def demo_budget_files():
+    return sorted((REPO_ROOT / "conf" / "budget" / "transfer_demo").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("budget_file", demo_budget_files(), ids=lambda p: p.stem)
+def test_transfer_demo_gives_each_task_its_budget(budget_file):
+    budget = yaml.safe_load(budget_file.read_text())
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        demo = compose("config", overrides=["experiment=transfer_demo", f"task={budget_file.stem}"],
+                       return_hydra_config=True)
+        plain = compose("config", overrides=[f"task={budget_file.stem}"])
+    assert set(demo.hydra.sweeper.params.task.split(",")) == set(TASKS)
+    merged = OmegaConf.merge(plain, budget)
+    assert OmegaConf.to_container(demo.task) == OmegaConf.to_container(merged.task)
+    assert demo.task != plain.task
 
 
 def test_transfer_sweep_report_failures_and_rerun(tmp_path):
@@ -88,3 +115,18 @@ def test_submitit_local_launcher_runs_one_process_per_job(tmp_path):
     assert sorted(r["norm"]["name"] for r in records if r["status"] == "completed") == ["bn_relu", "gn_relu"]
     assert len({r["pid"] for r in records}) == 2  # each job in its own process
     assert "| gn_relu |" in (tmp_path / "sweep" / "transfer.md").read_text()
+
+
+def test_ddp_inside_a_sweep_runs_each_job_once_in_its_own_dir(tmp_path):
+    """Lightning re-launches DDP ranks with the command line: in a sweep, each rank must run its job, not the sweep."""
+    tasks = ["classification", "biggan", "maskrcnn"]
+    write_tiny_study(tmp_path / "conf", tasks, ["gn_relu"])
+    sweep_dir = tmp_path / "sweep"
+    out = sweep(tmp_path, f"hydra.sweep.dir={sweep_dir}", "trainer=ddp", "trainer.accelerator=cpu",
+                "trainer.devices=2", "trainer.precision=32-true", "trainer.benchmark=false")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert job_dirs == [f"{n}-{task}-gn_relu-s0" for n, task in enumerate(tasks)]
+    for job_dir in job_dirs:
+        assert json.loads((sweep_dir / job_dir / "results.json").read_text())["status"] == "completed"
+    assert json.loads((sweep_dir / job_dirs[0] / "results.json").read_text())["steps"] == 512 // (64 * 2)

@@ -130,16 +130,17 @@ def test_feature_net_classifies_imagenet_photos(lite0, photo, label):
 
 
 def test_fid_orders_real_halves_below_noise_and_noise_is_near_1():
+    """64 vs 64 images at the CPU default size (128 px): FID is biased up at this n, the order stays clear."""
     from tasks.common.datasets import load_fashion_mnist
     from tasks.biggan.data import fashion_mnist_as_rgb32
-    features = EfficientNetLite0Features(image_size=64)
-    images = fashion_mnist_as_rgb32(load_fashion_mnist(None)[2][:160]).float() / 255
-    real_a, real_b = features(images[:80]), features(images[80:])
-    noise = features(torch.rand(80, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    features = EfficientNetLite0Features(image_size=128)
+    images = fashion_mnist_as_rgb32(load_fashion_mnist(None)[2][:128]).float() / 255
+    real_a, real_b = features(images[:64]), features(images[64:])
+    noise = features(torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     real_vs_real = fid_is(real_a, real_b, 1280, is_splits=2)
     real_vs_noise = fid_is(real_a, noise, 1280, is_splits=2)
-    assert real_vs_noise["fid"] > 2.5 * real_vs_real["fid"], (real_vs_real, real_vs_noise)
-    assert real_vs_noise["is"] < 1.5 < real_vs_real["is"]
+    assert real_vs_noise["fid"] > 2 * real_vs_real["fid"], (real_vs_real, real_vs_noise)  # measured 996 vs 392
+    assert real_vs_noise["is"] < 1.5 and real_vs_real["is"] > 5, (real_vs_real, real_vs_noise)  # 1.36 and 10.2
 
 
 def test_missing_inception_weights_errors_clearly_without_network(monkeypatch, tmp_path):

@@ -157,12 +157,17 @@ class BigGanModule(pl.LightningModule):
         for g in self.generators(stage).values():
             g.eval()
 
-    def _eval_step(self, batch, stage: str):
+    def _eval_step(self, batch, batch_idx: int, stage: str):
         z, y = batch
         for key, g in self.generators(stage).items():
             start = time.perf_counter()
             self.fake_rows[key].append(self.features(to_unit(g(z, y))))
             self.eval_seconds[key] += time.perf_counter() - start
+        # Measure in the last step, not in on_*_epoch_end: callbacks' epoch-end hooks (BestMetrics) run before the
+        # module's, and must see this evaluation's numbers.
+        num_batches = self.trainer.num_val_batches if stage == "val" else self.trainer.num_test_batches
+        if batch_idx == num_batches[0] - 1:
+            self._end_eval(stage)
 
     def _end_eval(self, stage: str):
         real = self.real_features(stage)
@@ -203,20 +208,13 @@ class BigGanModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         if not self.trainer.sanity_checking:  # nothing to measure before training
-            self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self):
-        if not self.trainer.sanity_checking:
-            self._end_eval("val")
+            self._eval_step(batch, batch_idx, "val")
 
     def on_test_epoch_start(self):
         self._start_eval("test")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self):
-        self._end_eval("test")
+        self._eval_step(batch, batch_idx, "test")
 
     def record_extras(self) -> dict:
         feature_net = type(self.feature_net).__name__

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities import rank_zero_only
@@ -173,5 +174,7 @@ def run(cfg: DictConfig) -> dict:
         record["heartbeat"] = time.time()
         write_record(output_dir, record)
         finish_wandb(exit_code)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the next DDP job of a sweep in this process starts afresh
         log.info("%s: %s -> %s", record["status"], output_dir / RESULTS_FILE, record["test"] or record["error"])
     return record

@@ -47,7 +47,7 @@ def run_cli(*args):
 def test_cli_help_lists_groups():
     out = run_cli("--help")
     assert out.returncode == 0
-    for line in ("norm: b0, b1, b2, bn_relu", "task: classification", "logger: csv, none, wandb"):
+    for line in ("norm: b0, b1, b2, bn_relu", "task: biggan, classification", "logger: csv, none, wandb"):
         assert line in out.stdout
 
 

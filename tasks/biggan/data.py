@@ -9,14 +9,13 @@ steps and evaluation comes every epoch.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 
-from tasks.common.datasets import DatasetError, load_cifar10, load_fashion_mnist
+from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_dirs, load_with_val_split
 
 SPLITS = ("val", "test")
 
@@ -49,21 +48,11 @@ class GanData(pl.LightningDataModule):
             if resolution != 32:
                 raise ValueError(f"{name} is 32 px: set task.model.resolution=32 (got {resolution})")
         elif name == "imagefolder":
-            self.num_classes = len(self._folder_classes())
+            self.num_classes = len(image_folder_classes(root))
         else:
             raise ValueError(f"unknown dataset {name!r}; choose from fashion_mnist, cifar10, imagefolder")
         self.train_set: Dataset | None = None
         self.real_sets: dict[str, Dataset] = {}
-
-    def _folder_classes(self) -> list[str]:
-        train = Path(self.root or "") / "train"
-        if not self.root or not train.is_dir():
-            raise DatasetError(f"imagefolder needs data.root=<folder with train/ and val/ class folders>; "
-                               f"{train} is not a directory")
-        classes = sorted(p.name for p in train.iterdir() if p.is_dir())
-        if not classes:
-            raise DatasetError(f"{train} holds no class folders")
-        return classes
 
     def setup(self, stage: str | None = None):
         if self.train_set is not None:
@@ -71,17 +60,13 @@ class GanData(pl.LightningDataModule):
         if self.name == "imagefolder":
             self._setup_folders()
         else:
-            loader = load_fashion_mnist if self.name == "fashion_mnist" else load_cifar10
-            train_x, train_y, test_x, test_y = loader(self.root, self.download)
+            splits = load_with_val_split(self.name, self.root, self.download, self.val_size, self.split_seed)
             if self.name == "fashion_mnist":
-                train_x, test_x = fashion_mnist_as_rgb32(train_x), fashion_mnist_as_rgb32(test_x)
-            perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
-            val_idx, train_idx = perm[:self.val_size], perm[self.val_size:]
-            if self.limit_train is not None:
-                train_idx = train_idx[:self.limit_train]
-            self.train_set = TensorDataset(train_x[train_idx], train_y[train_idx])
+                splits = [(fashion_mnist_as_rgb32(x), y) for x, y in splits]
+            (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits
+            self.train_set = TensorDataset(train_x[:self.limit_train], train_y[:self.limit_train])
             test_perm = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(self.split_seed))
-            self.real_sets = {"val": TensorDataset(train_x[val_idx], train_y[val_idx]),
+            self.real_sets = {"val": TensorDataset(val_x, val_y),
                               "test": TensorDataset(test_x[test_perm], test_y[test_perm])}
         for split in SPLITS:
             if len(self.real_sets[split]) < self.fid_samples[split]:
@@ -93,14 +78,12 @@ class GanData(pl.LightningDataModule):
         from torchvision.datasets import ImageFolder
         size = self.resolution
         to_uint8 = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-        root = Path(self.root)
-        if not (root / "val").is_dir():
-            raise DatasetError(f"imagefolder needs {root / 'val'} (class folders as in train/)")
-        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        self.train_set = ImageFolder(root / "train", T.Compose([T.RandomHorizontalFlip(), to_uint8]))
+        dirs = image_folder_dirs(self.root)
+        self.train_set = ImageFolder(dirs["train"], T.Compose([T.RandomHorizontalFlip(), to_uint8]))
         # real sets: a fixed random subset, so that FID sees every class
         self.real_sets = {}
-        for split, folder in (("val", root / "val"), ("test", test_dir)):
+        for split in ("val", "test"):
+            folder = dirs[split]
             full = ImageFolder(folder, to_uint8)
             perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed))
             self.real_sets[split] = torch.utils.data.Subset(full, perm.tolist())

@@ -6,15 +6,13 @@ transforms in worker processes.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tasks.common.datasets import DatasetError, load_cifar10, load_fashion_mnist
+from tasks.common.datasets import image_folder_classes, image_folder_dirs, load_with_val_split
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -86,7 +84,7 @@ class ClassificationData(pl.LightningDataModule):
         if name in DATASETS:
             self.info = DATASETS[name]
         elif name == "imagefolder":
-            self.info = DatasetInfo(len(self._folder_classes()), 3, image_size, IMAGENET_MEAN, IMAGENET_STD)
+            self.info = DatasetInfo(len(image_folder_classes(self.root)), 3, image_size, IMAGENET_MEAN, IMAGENET_STD)
         else:
             raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS) + ['imagefolder']}")
         self.splits: dict[str, Dataset] = {}
@@ -98,28 +96,11 @@ class ClassificationData(pl.LightningDataModule):
         if self.name == "imagefolder":
             self._setup_folders()
         else:
-            loader = load_fashion_mnist if self.name == "fashion_mnist" else load_cifar10
-            train_x, train_y, test_x, test_y = loader(self.root, self.download)
-            perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
-            val_idx, train_idx = perm[:self.val_size], perm[self.val_size:]
-            self.splits = {
-                "train": InMemoryImages(train_x[train_idx], train_y[train_idx]),
-                "val": InMemoryImages(train_x[val_idx], train_y[val_idx]),
-                "test": InMemoryImages(test_x, test_y),
-            }
+            parts = load_with_val_split(self.name, self.root, self.download, self.val_size, self.split_seed)
+            self.splits = {split: InMemoryImages(*part) for split, part in zip(("train", "val", "test"), parts)}
         for split, limit in (("train", self.limit_train), ("val", self.limit_eval), ("test", self.limit_eval)):
             if limit is not None and limit < len(self.splits[split]):
                 self.splits[split] = Subset(self.splits[split], range(limit))
-
-    def _folder_classes(self) -> list[str]:
-        train = Path(self.root or "") / "train"
-        if not self.root or not train.is_dir():
-            raise DatasetError(f"imagefolder needs data.root=<folder with train/ and val/ class folders>; "
-                               f"{train} is not a directory")
-        classes = sorted(d.name for d in os.scandir(train) if d.is_dir())
-        if not classes:
-            raise DatasetError(f"{train} holds no class folders")
-        return classes
 
     def _setup_folders(self):
         from torchvision import transforms as T
@@ -128,12 +109,9 @@ class ClassificationData(pl.LightningDataModule):
         norm = T.Normalize(self.info.mean, self.info.std)
         train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
-        root = Path(self.root)
-        if not (root / "val").is_dir():
-            raise DatasetError(f"imagefolder needs {root / 'val'} (class folders as in train/)")
-        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        self.splits = {"train": ImageFolder(root / "train", train_tf), "val": ImageFolder(root / "val", eval_tf),
-                       "test": ImageFolder(test_dir, eval_tf)}
+        dirs = image_folder_dirs(self.root)
+        self.splits = {split: ImageFolder(folder, train_tf if split == "train" else eval_tf)
+                       for split, folder in dirs.items()}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         in_memory = self.name != "imagefolder"

@@ -95,3 +95,36 @@ def load_cifar10(root: str | None, download: bool = False):
                                "access.") from e
         splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
     return tuple(splits)
+
+
+# --- splits shared by the tasks ----------------------------------------------------------------------------------
+
+def load_with_val_split(name: str, root: str | None, download: bool, val_size: int, split_seed: int):
+    """Fashion-MNIST or CIFAR-10 as uint8 (images, labels) pairs for train, val and test; val is ``val_size``
+    training images held out with a fixed ``split_seed``, so every task and layer sees the same split."""
+    loader = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}[name]
+    train_x, train_y, test_x, test_y = loader(root, download)
+    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    return (train_x[train_idx], train_y[train_idx]), (train_x[val_idx], train_y[val_idx]), (test_x, test_y)
+
+
+def image_folder_dirs(root: str | None) -> dict[str, Path]:
+    """An ImageNet-style folder's train/, val/ and test/ (val/ when there is no test/) class folders."""
+    train = Path(root or "") / "train"
+    if not root or not train.is_dir():
+        raise DatasetError(f"imagefolder needs data.root=<folder with train/ and val/ class folders>; "
+                           f"{train} is not a directory")
+    val = Path(root) / "val"
+    if not val.is_dir():
+        raise DatasetError(f"imagefolder needs {val} (class folders as in train/)")
+    test = Path(root) / "test"
+    return {"train": train, "val": val, "test": test if test.is_dir() else val}
+
+
+def image_folder_classes(root: str | None) -> list[str]:
+    train = image_folder_dirs(root)["train"]
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{train} holds no class folders")
+    return classes

@@ -30,7 +30,8 @@ from tasks import build_task
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "heartbeat_s", "report")  # may vary
+# may vary between attempts of one run (compile: the same model and numerics up to float rounding)
+CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "heartbeat_s", "report", "compile")
 
 
 class RunDirConflict(RuntimeError):
@@ -46,6 +47,18 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")
+
+
+def resolve_compile(cfg: DictConfig) -> bool:
+    """``compile``: true / false, or null (auto): on where the trainer runs on GPUs, off on CPU, where compiling
+    (minutes for a ResNet) would dominate a short run."""
+    choice = cfg.get("compile")
+    if choice is None or choice == "auto":
+        accelerator = cfg.trainer.get("accelerator", "auto")
+        return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if isinstance(choice, bool):
+        return choice
+    raise ValueError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
 
 
 def describe_error(error: BaseException, saved_checkpoint: Path | None) -> str:
@@ -103,7 +116,7 @@ def previous_attempt(output_dir: Path, config: dict) -> dict | None:
 
 
 def attempt_summary(record: dict) -> dict:
-    keys = ("status", "error", "steps", "epochs", "wall_time_s", "started_at", "host", "pid")
+    keys = ("status", "error", "steps", "epochs", "wall_time_s", "started_at", "host", "pid", "compile")
     return {**{k: record.get(k) for k in keys}, "status": effective_status(record)}
 
 
@@ -126,8 +139,8 @@ def run(cfg: DictConfig) -> dict:
         "status": "running", "task": cfg.task.name,
         "norm": {"name": cfg.norm.name, "kwargs": OmegaConf.to_container(cfg.norm.kwargs, resolve=True)},
         "model": None, "dataset": None, "seed": cfg.seed, "test": {}, "best_val": {}, "steps": 0, "epochs": 0,
-        "wall_time_s": None, "params": None, "git_commit": git_commit(), "output_dir": str(output_dir),
-        "resumed_from": str(ckpt_path) if ckpt_path else None, "error": None,
+        "wall_time_s": None, "params": None, "compile": None, "compiled_modules": [], "git_commit": git_commit(),
+        "output_dir": str(output_dir), "resumed_from": str(ckpt_path) if ckpt_path else None, "error": None,
         **process_identity(), "started_at": started, "heartbeat": started, "heartbeat_interval_s": cfg.heartbeat_s,
         "sweep_job": multirun_job_num(),
         "previous_attempts": [*previous.get("previous_attempts", []), attempt_summary(previous)] if previous else [],
@@ -146,6 +159,10 @@ def run(cfg: DictConfig) -> dict:
         pl.seed_everything(cfg.seed, workers=True)
         norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
         parts = build_task(cfg.task.name, cfg.task, norm_act)
+        record["compile"] = resolve_compile(cfg)
+        if record["compile"]:
+            record["compiled_modules"] = parts.compile()
+        log.info("compile=%s: %s", cfg.get("compile"), ", ".join(record["compiled_modules"]) or "eager")
         record.update(model=parts.model, dataset=parts.dataset, monitor=parts.monitor, mode=parts.mode,
                       params=sum(p.numel() for p in parts.module.parameters()))
         loggers = build_loggers(cfg, output_dir, parts.model)

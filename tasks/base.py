@@ -5,9 +5,12 @@ after testing (e.g. BigGAN's FID of the untrained generator).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -18,3 +21,17 @@ class TaskParts:
     dataset: str
     monitor: str  # validation metric that picks the best checkpoint; test/<same name> is the headline
     mode: str  # "max" or "min"
+    # submodules of ``module`` (dotted names) that ``compile=true`` compiles: the parts with static, traceable
+    # compute (not e.g. detection post-processing, whose shapes depend on the data)
+    compile_targets: tuple[str, ...] = ()
+
+    def compile(self) -> list[str]:
+        """torch.compile the compile targets in place (``nn.Module.compile``): their state_dict keys stay those of
+        the eager model, so checkpoints, resume and ``backbone_ckpt`` work across both paths. Compilation itself
+        happens lazily, at each target's first call (again when a call's shapes, dtypes or train/eval mode differ)."""
+        if not self.compile_targets:
+            log.warning("compile: task %s names no submodules to compile; it runs eager",
+                        type(self.module).__name__)
+        for name in self.compile_targets:
+            self.module.get_submodule(name).compile()
+        return list(self.compile_targets)

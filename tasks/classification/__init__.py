@@ -16,4 +16,5 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
     arch = model_kwargs.pop("arch")
     model = build_model(arch, norm_act, data.info.num_classes, data.info.in_chans, **model_kwargs)
     module = ClassificationModule(model, data.info.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
-    return TaskParts(module, data, model=arch, dataset=cfg.data.name, monitor="val/acc1", mode="max")
+    return TaskParts(module, data, model=arch, dataset=cfg.data.name, monitor="val/acc1", mode="max",
+                     compile_targets=("model",))

@@ -17,4 +17,5 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
     module = MaskRCNNModule(model, data.category_ids, data.class_names,
                             **OmegaConf.to_container(cfg.optim, resolve=True))
     return TaskParts(module, data, model=f"maskrcnn_{model_kwargs['arch']}_fpn", dataset=data.name,
-                     monitor="val/segm_AP", mode="max")
+                     monitor="val/segm_AP", mode="max",
+                     compile_targets=("model.backbone",))  # RPN/RoI sampling and post-processing: data-dependent

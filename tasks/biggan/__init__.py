@@ -23,5 +23,7 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
     module = BigGanModule(generator, discriminator, feature_net, data.num_classes, model.z_dim,
                           batch_size=cfg.data.batch_size, is_splits=metrics.is_splits,
                           grid_columns=metrics.grid_columns, **OmegaConf.to_container(optim, resolve=True))
+    # compile=true: the Gs. Not D: called on the real and the fake batch before one backward, its spectral norms
+    # fail compiled ("modified by an inplace operation" on the power-iteration vector; eager clones it)
     return TaskParts(module, data, model=f"biggan{model.resolution}", dataset=cfg.data.name, monitor="val/fid_ema",
-                     mode="min")
+                     mode="min", compile_targets=("generator", "generator_ema"))

@@ -64,6 +64,23 @@ def test_every_norm_trains_one_g_and_d_step_and_samples(norm):
     assert samples.shape == (6, 3, 32, 32) and samples.abs().max() <= 1
 
 
+def test_spectral_norm_is_exact_from_init_so_the_untrained_generator_is_measured_as_built():
+    """Orthogonal init precedes spectral norm: in eval mode (no power iteration) every weight already has norm 1."""
+    g, d = tiny_gan("bn_relu")
+    layers = [(name, m) for model in (g.eval(), d.eval()) for name, m in model.named_modules()
+              if hasattr(m, "parametrizations")]
+    assert len(layers) > 20
+    for name, m in layers:
+        assert float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), 2)) == pytest.approx(1.0, abs=1e-3), name
+
+
+def test_shared_embedding_starts_orthogonal_at_the_configured_norm():
+    g = Generator(evonorm.norm_act_factory("s0"), 3, **TINY, z_dim=32, shared_dim=8, mults=TINY_G_MULTS,
+                  shared_init_norm=2.0)
+    w = g.shared.weight.detach()
+    torch.testing.assert_close(w @ w.t(), 4.0 * torch.eye(3), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("norm", ["bn_relu", "gn_relu", "frn_tlu", "s0"])
 def test_conditional_affine_sits_where_the_layer_affine_was(norm):
     torch.manual_seed(0)

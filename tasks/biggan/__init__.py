@@ -17,7 +17,7 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
                    z_dim=model.z_dim, draws_per_step=optim.d_steps * optim.accumulate,
                    fid_samples=metrics.fid_samples, test_fid_samples=metrics.test_fid_samples)
     generator = Generator(norm_act, data.num_classes, model.resolution, model.g_ch, model.z_dim, model.shared_dim,
-                          model.g_attention, model.g_mults)
+                          model.g_attention, model.g_mults, shared_init_norm=model.shared_init_norm)
     discriminator = Discriminator(data.num_classes, model.resolution, model.d_ch, model.d_attention, model.d_mults)
     feature_net = build_feature_net(metrics.inception_weights, metrics.image_size)
     module = BigGanModule(generator, discriminator, feature_net, data.num_classes, model.z_dim,

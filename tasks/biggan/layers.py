@@ -25,12 +25,26 @@ from evonorm.common import per_channel
 NORM_THEN_ACT = (BatchNormAct2d, GroupNormAct)
 
 
+def orthogonal_sn(module: nn.Module, eps: float = 1e-6) -> nn.Module:
+    """BigGAN's orthogonal init (zero bias), then spectral norm.
+
+    In this order the spectral norm's power-iteration vectors (computed when it is registered) belong to the final
+    weight. Re-initialising the weight afterwards would leave them stale: an eval-mode forward (no power iteration)
+    would then divide each weight by u^T W v of unrelated vectors (|sigma| ~ 0.01-0.2, random sign), e.g. the
+    untrained generator that results.json measures as the reference.
+    """
+    nn.init.orthogonal_(module.weight)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return spectral_norm(module, eps=eps)
+
+
 def sn_conv(in_ch: int, out_ch: int, kernel_size: int = 3, eps: float = 1e-6) -> nn.Module:
-    return spectral_norm(nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2), eps=eps)
+    return orthogonal_sn(nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2), eps)
 
 
 def sn_linear(in_features: int, out_features: int, bias: bool = True, eps: float = 1e-6) -> nn.Module:
-    return spectral_norm(nn.Linear(in_features, out_features, bias=bias), eps=eps)
+    return orthogonal_sn(nn.Linear(in_features, out_features, bias=bias), eps)
 
 
 def freeze_affine(layer: nn.Module) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConditionalNormAct, SelfAttention, sn_conv, sn_linear
+from .layers import ConditionalNormAct, SelfAttention, orthogonal_sn, sn_conv, sn_linear
 
 # channel multipliers of ch: G from the 4x4 input through each up-block; D through each down-block
 # (the published BigGAN-PyTorch tables); D's "d" are the output widths of its blocks.
@@ -37,15 +37,6 @@ def arch_for(resolution: int, g_mults=None, d_mults=None) -> dict:
     return arch
 
 
-def init_orthogonal(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
-            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
-            nn.init.orthogonal_(weight)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-
-
 class GBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, norm_act, cond_dim: int, sn_eps: float):
         super().__init__()
@@ -63,7 +54,8 @@ class GBlock(nn.Module):
 
 class Generator(nn.Module):
     def __init__(self, norm_act, num_classes: int, resolution: int = 32, ch: int = 32, z_dim: int = 128,
-                 shared_dim: int = 128, attention: int | None = None, mults=None, sn_eps: float = 1e-6):
+                 shared_dim: int = 128, attention: int | None = None, mults=None, sn_eps: float = 1e-6,
+                 shared_init_norm: float | None = None):
         super().__init__()
         mults = arch_for(resolution, g_mults=mults)["g"]
         widths = [m * ch for m in mults]
@@ -73,6 +65,10 @@ class Generator(nn.Module):
             raise ValueError(f"z_dim={z_dim} must split evenly into {self.num_chunks} chunks at {resolution} px")
         chunk = z_dim // self.num_chunks
         self.shared = nn.Embedding(num_classes, shared_dim)
+        nn.init.orthogonal_(self.shared.weight)  # every other weight: orthogonal_sn
+        if shared_init_norm is not None:  # orthogonal class vectors of this norm (e.g. a z chunk's, sqrt(chunk))
+            with torch.no_grad():
+                self.shared.weight.mul_(shared_init_norm / self.shared.weight.norm(dim=1, keepdim=True))
         self.linear = sn_linear(chunk, widths[0] * 16, eps=sn_eps)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
@@ -84,7 +80,6 @@ class Generator(nn.Module):
                 self.attention[str(i)] = SelfAttention(cout, sn_eps)
         self.out_norm_act = norm_act(widths[-1], apply_act=True)
         self.out_conv = sn_conv(widths[-1], 3, 3, sn_eps)
-        init_orthogonal(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         chunks = z.chunk(self.num_chunks, dim=1)
@@ -133,8 +128,7 @@ class Discriminator(nn.Module):
             if size == attention and not self.attention:
                 self.attention[str(i)] = SelfAttention(cout, sn_eps)
         self.linear = sn_linear(widths[-1], 1, eps=sn_eps)
-        self.embed = nn.utils.parametrizations.spectral_norm(nn.Embedding(num_classes, widths[-1]), eps=sn_eps)
-        init_orthogonal(self)
+        self.embed = orthogonal_sn(nn.Embedding(num_classes, widths[-1]), sn_eps)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = x

@@ -95,12 +95,14 @@ class BigGanModule(pl.LightningModule):
                 self.manual_backward(loss_d / hp.accumulate)
             opt_d.step()
         opt_g.zero_grad(set_to_none=True)
+        self.discriminator.requires_grad_(False)  # the G step needs no D weight gradients (BigGAN's toggle_grad)
         for _ in range(hp.accumulate):
             z, y_fake = self.sample_latents(hp.batch_size)
             loss_g = hinge_g_loss(self.discriminator(self.generator(z, y_fake), y_fake))
             if hp.ortho_reg:
                 loss_g = loss_g + hp.ortho_reg * ortho_penalty(self.generator, skip=("shared",))
             self.manual_backward(loss_g / hp.accumulate)
+        self.discriminator.requires_grad_(True)
         opt_g.step()
         self.g_steps += 1
         self.update_ema()

@@ -24,7 +24,7 @@ from evonorm import norm_act_factory
 from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat
 from pipelines.loggers import build_loggers, finish_wandb
 from pipelines.records import RESULTS_FILE, effective_status, process_identity, read_record, write_record
-from pipelines.sweep import multirun_job_num, relaunch_ddp_as_this_job
+from pipelines.sweep import ddp_launch_state, end_ddp_job, multirun_job_num, relaunch_ddp_as_this_job
 from pipelines.sync_batchnorm import trainer_arguments
 from tasks import build_task
 
@@ -152,7 +152,7 @@ def run(cfg: DictConfig) -> dict:
         write_record(output_dir, record)
 
     write_record(output_dir, record)
-    trainer, crash, exit_code = None, None, 1
+    trainer, crash, exit_code, launch_state = None, None, 1, ddp_launch_state()
     try:
         if cfg.test_ckpt not in ("best", "last"):
             raise ValueError(f"test_ckpt must be 'best' or 'last', got {cfg.test_ckpt!r}")
@@ -169,8 +169,8 @@ def run(cfg: DictConfig) -> dict:
         best, checkpoint, crash, callbacks = build_callbacks(cfg, output_dir, parts.monitor, parts.mode,
                                                              bool(loggers), beat)
         relaunch_ddp_as_this_job(output_dir)
-        trainer = pl.Trainer(**trainer_arguments(cfg.trainer), callbacks=callbacks, logger=loggers or False,
-                             default_root_dir=output_dir)
+        trainer = pl.Trainer(**trainer_arguments(cfg.trainer, parts.module), callbacks=callbacks,
+                             logger=loggers or False, default_root_dir=output_dir)
         trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
         record["best_val"] = best.best
         test_ckpt = "best" if cfg.test_ckpt == "best" and checkpoint.best_model_path else None
@@ -191,7 +191,6 @@ def run(cfg: DictConfig) -> dict:
         record["heartbeat"] = time.time()
         write_record(output_dir, record)
         finish_wandb(exit_code)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # the next DDP job of a sweep in this process starts afresh
+        end_ddp_job(trainer, launch_state)  # the next DDP job of a sweep in this process launches its ranks afresh
         log.info("%s: %s -> %s", record["status"], output_dir / RESULTS_FILE, record["test"] or record["error"])
     return record

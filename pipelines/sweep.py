@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -12,6 +15,9 @@ from omegaconf import DictConfig, open_dict, read_write
 
 log = logging.getLogger(__name__)
 MAX_EXIT_STATUS = 125  # higher exit codes mean "killed by a signal" to shells
+# what Lightning's DDP launcher sets in the launching process's environment and leaves there
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
+RANK_EXIT_TIMEOUT_S = 60
 
 
 def multirun_sweep_dir() -> Path | None:
@@ -36,6 +42,44 @@ def relaunch_ddp_as_this_job(output_dir: Path) -> None:
     sys.argv = [sys.argv[0], *hydra_overrides, *hydra_cfg.overrides.task]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = str(output_dir)
+
+
+def ddp_launch_state() -> dict:
+    """What a DDP job changes in this process; taken before the job's Trainer exists, for ``end_ddp_job``."""
+    return {"env": {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}, "argv": list(sys.argv),
+            "threads": torch.get_num_threads()}
+
+
+def end_ddp_job(trainer, launch_state: dict) -> None:
+    """Tear a DDP job down so that the next job of a sweep in this process launches its ranks afresh.
+
+    Lightning's launcher leaves ``LOCAL_RANK`` (and the port, world size, thread count) in ``os.environ``: the next
+    Trainer would take ``LOCAL_RANK`` to mean that its processes were started externally, launch no ranks and wait
+    for them forever. The ranks it launched are waited for (killed after ``RANK_EXIT_TIMEOUT_S``), after taking them
+    from Lightning's child-process observer, which would otherwise kill this process, i.e. the sweep, when a rank of
+    a failed job exits with an error.
+    """
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    ranks = list(getattr(launcher, "procs", None) or [])
+    if ranks:
+        launcher.procs.clear()  # the observer holds this list: empty, it stops without killing anyone
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # also frees ranks that wait in a collective for this one
+    for rank in ranks:
+        try:
+            rank.wait(timeout=RANK_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("DDP rank process %d still running %d s after its job ended; killing it", rank.pid,
+                        RANK_EXIT_TIMEOUT_S)
+            rank.kill()
+            rank.wait()
+    for key, value in launch_state["env"].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    sys.argv[:] = launch_state["argv"]
+    torch.set_num_threads(launch_state["threads"])
 
 
 class TransferReportCallback(Callback):

@@ -1,10 +1,16 @@
-"""Lightning Trainer arguments from the trainer config, with a SyncBN that keeps BN-ReLU layers whole."""
+"""Lightning Trainer arguments from the trainer config: a SyncBN that keeps BN-ReLU layers whole, and DDP that
+finds the parameters a backward pass leaves out when the task optimizes manually (a GAN's G and D steps)."""
 from __future__ import annotations
 
+import logging
+
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 
 from evonorm.baselines import convert_sync_batchnorm, revert_sync_batchnorm
+
+log = logging.getLogger(__name__)
 
 
 class NormActSyncBatchNorm(TorchSyncBatchNorm):
@@ -17,8 +23,12 @@ class NormActSyncBatchNorm(TorchSyncBatchNorm):
         return super().revert(revert_sync_batchnorm(model))
 
 
-def trainer_arguments(trainer_cfg: DictConfig) -> dict:
+def trainer_arguments(trainer_cfg: DictConfig, module: pl.LightningModule | None = None) -> dict:
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
+    if kwargs.get("strategy") == "ddp" and module is not None and not module.automatic_optimization:
+        # each manual backward (a GAN's D step, then its G step) reaches part of the parameters: DDP must find the rest
+        log.info("manual optimization under DDP: strategy=ddp_find_unused_parameters_true")
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"
     if kwargs.pop("sync_batchnorm", False):
         kwargs["plugins"] = [*kwargs.get("plugins", []), NormActSyncBatchNorm()]
     return kwargs

@@ -45,11 +45,11 @@ def write_tiny_study(root, tasks, norms):
     (root / "norm" / "not_a_layer.yaml").write_text("name: not_a_layer\nkwargs: {}\n")
 
 
-def sweep(tmp_path, *overrides):
+def sweep(tmp_path, *overrides, env=None):
     return subprocess.run(
         [sys.executable, "run.py", "-m", "experiment=tiny_study", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
          *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-        env={**os.environ, "WANDB_MODE": "disabled"})
+        env=env or {**os.environ, "WANDB_MODE": "disabled"})
 
 
 def demo_budget_files():
@@ -117,17 +117,35 @@ def test_submitit_local_launcher_runs_one_process_per_job(tmp_path):
     assert "| gn_relu |" in (tmp_path / "sweep" / "transfer.md").read_text()
 
 
-def test_ddp_inside_a_sweep_runs_each_job_once_in_its_own_dir(tmp_path):
-    """Lightning re-launches DDP ranks with the command line: in a sweep, each rank must run its job, not the sweep."""
-    # one job: a second DDP job in the same sweep process hangs today (open issue), so the new tasks are not here yet
-    tasks = ["classification"]
+def test_ddp_sweep_runs_each_job_once_and_measures_over_all_ranks(tmp_path):
+    """Lightning re-launches DDP ranks with the command line: in a sweep, each rank must run its job, not the sweep.
+    Every job launches its ranks afresh (the first job used to leave LOCAL_RANK behind, and the second then waited
+    forever for ranks it believed started externally); one record and one wandb run per job; the metrics cover the
+    samples of both ranks."""
+    tasks = ["classification", "biggan", "maskrcnn"]
     write_tiny_study(tmp_path / "conf", tasks, ["gn_relu"])
+    # odd image counts: the distributed sampler repeats an image on one rank, COCOeval must count it once
+    budget = tmp_path / "conf" / "budget" / "tiny_study" / "maskrcnn.yaml"
+    maskrcnn_budget = yaml.safe_load(budget.read_text())
+    maskrcnn_budget["task"]["data"].update(val_size=3, test_size=5)
+    budget.write_text(yaml.safe_dump(maskrcnn_budget))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path))
     sweep_dir = tmp_path / "sweep"
     out = sweep(tmp_path, f"hydra.sweep.dir={sweep_dir}", "trainer=ddp", "trainer.accelerator=cpu",
-                "trainer.devices=2", "trainer.precision=32-true", "trainer.benchmark=false")
+                "trainer.devices=2", "trainer.precision=32-true", "trainer.benchmark=false", "logger.name=wandb",
+                env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name not in (".hydra", "wandb"))
     assert job_dirs == [f"{n}-{task}-gn_relu-s0" for n, task in enumerate(tasks)]
-    for job_dir in job_dirs:
-        assert json.loads((sweep_dir / job_dir / "results.json").read_text())["status"] == "completed"
-    assert json.loads((sweep_dir / job_dirs[0] / "results.json").read_text())["steps"] == 512 // (64 * 2)
+    records = {}
+    for job_dir, task in zip(job_dirs, tasks):
+        records[task] = json.loads((sweep_dir / job_dir / "results.json").read_text())
+        assert records[task]["status"] == "completed"
+        assert len(list((sweep_dir / job_dir / "wandb").glob("offline-run-*"))) == 1
+    assert {r["pid"] for r in records.values()} == {records["classification"]["pid"]}  # the sweep process wrote
+    assert records["classification"]["steps"] == 512 // (64 * 2)
+    assert {"test/fid_ema", "test/is_ema"} <= set(records["biggan"]["test"])
+    assert {"test/segm_AP", "test/bbox_AP"} <= set(records["maskrcnn"]["test"])
+    coco_eval = records["maskrcnn"]["coco_eval"]
+    assert (coco_eval["val"]["images"], coco_eval["test"]["images"]) == (3, 5)

@@ -43,8 +43,7 @@ class MaskRCNNModule(pl.LightningModule):
             raise ValueError(f"task.optim.schedule must be cosine or step, got {schedule!r}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
-        self.coco_results: list[dict] = []
-        self.evaluated_ids: list[int] = []
+        self.predictions: dict[int, list[dict]] = {}  # image id -> its detections in COCO's results format
         self.drawn: list[tuple[torch.Tensor, dict]] = []
         self.last_eval: dict = {}
 
@@ -90,7 +89,7 @@ class MaskRCNNModule(pl.LightningModule):
         self.start_eval()
 
     def start_eval(self):
-        self.coco_results, self.evaluated_ids, self.drawn = [], [], []
+        self.predictions, self.drawn = {}, []
         self.eval_started = time.time()
 
     # COCOeval runs after the last batch rather than in on_*_epoch_end: Lightning calls the callbacks' epoch-end
@@ -111,13 +110,13 @@ class MaskRCNNModule(pl.LightningModule):
         category_ids = self.hparams.category_ids
         for image, target, output in zip(images, targets, outputs):
             image_id = int(target["image_id"])
-            self.evaluated_ids.append(image_id)
-            self.coco_results += to_coco_results(output, image_id, category_ids)
+            self.predictions[image_id] = to_coco_results(output, image_id, category_ids)
             if len(self.drawn) < self.hparams.num_drawn:
                 self.drawn.append((image.cpu(), {k: v.cpu() for k, v in output.items()}))
 
     def finish_eval(self, stage: str):
-        results, image_ids = gather(self.coco_results), gather(self.evaluated_ids)
+        predictions = gather_by_image(self.predictions)
+        image_ids, results = list(predictions), [r for found in predictions.values() for r in found]
         predicted = time.time()
         metrics = coco_ap(self.trainer.datamodule.val_coco.coco, results, image_ids)
         log.info("%s COCO eval: %d images, %d detections, predicted in %.1f s, COCOeval %.1f s: box AP %.3f AP50 "
@@ -128,7 +127,7 @@ class MaskRCNNModule(pl.LightningModule):
             self.log(f"{stage}/{name}", value, prog_bar=name in ("bbox_AP50", "segm_AP"), batch_size=1)
         self.last_eval[stage] = {"images": len(image_ids), "detections": len(results),
                                  "seconds": round(time.time() - self.eval_started, 1)}
-        if self.drawn and not self.trainer.sanity_checking:
+        if self.drawn and not self.trainer.sanity_checking and self.global_rank == 0:  # one picture per run
             save_and_log_image(self, self.draw_predictions(), f"{stage}-predictions-step{self.global_step}",
                                f"{stage}/predictions")
 
@@ -159,10 +158,11 @@ class MaskRCNNModule(pl.LightningModule):
         return {"norm_placement": self.model.norm_placement, "coco_eval": self.last_eval}
 
 
-def gather(items: list) -> list:
-    """Every process's list, concatenated (DDP); the list itself in a single process."""
+def gather_by_image(predictions: dict[int, list[dict]]) -> dict[int, list[dict]]:
+    """Every process's predictions, each image once (DDP: the distributed sampler repeats a few images so that
+    all processes get as many batches); the dict itself in a single process."""
     if not (dist.is_available() and dist.is_initialized()):
-        return items
+        return predictions
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
+    dist.all_gather_object(parts, predictions)
+    return {image_id: found for part in parts for image_id, found in part.items()}

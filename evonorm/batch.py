@@ -103,15 +103,29 @@ def _log_sync_stats() -> None:
              "(the reference keeps it per device); such layers run the plain formulas, not the fused kernels")
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes. Every process uses the sum, so its gradient is the sum of all processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def synced_batch_var(x: torch.Tensor) -> torch.Tensor:
     """Biased variance over (N, H, W) of the batches of all processes, differentiable (the backward all-reduces the
     gradients too). Mean first, then centred squares: exact for a large mean; shares may differ in size."""
-    from torch.distributed.nn.functional import all_reduce
-
     count = x.new_full((1,), x.numel() // x.shape[1])
-    totals = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+    totals = _AllReduceSum.apply(torch.cat([x.sum(dim=(0, 2, 3)), count]))
     mean = totals[:-1] / totals[-1]
-    return all_reduce((x - per_channel(mean)).square().sum(dim=(0, 2, 3))) / totals[-1]
+    return _AllReduceSum.apply((x - per_channel(mean)).square().sum(dim=(0, 2, 3))) / totals[-1]
 
 
 def instance_std(x: torch.Tensor, eps: float) -> torch.Tensor:

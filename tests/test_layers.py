@@ -451,6 +451,7 @@ def _sync_stats_worker(rank, world, init_file, x, grad_y, states, out_dir):
                 dist.all_reduce(g)
             results[name] = {"y": y.detach(), "x_grad": xl.grad, "grads": grads, "running_var": layer.running_var}
         torch.save(results, f"{out_dir}/{rank}.pt")
+        dist.barrier()  # neither process tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

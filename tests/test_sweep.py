@@ -146,6 +146,7 @@ def test_ddp_sweep_runs_each_job_once_and_measures_over_all_ranks(tmp_path):
     assert {r["pid"] for r in records.values()} == {records["classification"]["pid"]}  # the sweep process wrote
     assert records["classification"]["steps"] == 512 // (64 * 2)
     assert {"test/fid_ema", "test/is_ema"} <= set(records["biggan"]["test"])
+    assert records["biggan"]["g_steps"] == 3  # steps_per_epoch G steps on every rank, not a share of them
     assert {"test/segm_AP", "test/bbox_AP"} <= set(records["maskrcnn"]["test"])
     coco_eval = records["maskrcnn"]["coco_eval"]
     assert (coco_eval["val"]["images"], coco_eval["test"]["images"]) == (3, 5)

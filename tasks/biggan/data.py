@@ -99,7 +99,9 @@ class GanData(pl.LightningDataModule):
 
     def train_dataloader(self):
         per_step = self.batch_size * self.draws_per_step
-        sampler = RandomSampler(self.train_set, num_samples=self.steps_per_epoch * per_step)
+        # under DDP Lightning splits the sampler's batches over the processes: each takes steps_per_epoch of them
+        world = self.trainer.world_size if self.trainer else 1
+        sampler = RandomSampler(self.train_set, num_samples=self.steps_per_epoch * per_step * world)
         return self._loader(self.train_set, sampler, per_step)
 
     def latent_loader(self, split: str) -> DataLoader:

@@ -330,16 +330,16 @@ class EvoNormBatchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, running_var, variant: str, eps: float, momentum: float,
                 training: bool):
-        with torch.autocast(x.device.type, enabled=False):
-            out = None
-            if _use_triton(x, weight):
-                out = _run_triton("batch_forward", x.contiguous(), weight, bias, v, running_var, variant, eps,
-                                  momentum, training)
-            if out is None:
+        out = None
+        if _use_triton(x, weight):  # launches only: autocast does not touch them (and its context costs host time)
+            out = _run_triton("batch_forward", x.contiguous(), weight, bias, v, running_var, variant, eps, momentum,
+                              training)
+        if out is None:
+            with torch.autocast(x.device.type, enabled=False):
                 (y, stats), ws = _batch_forward(x, weight, bias, v, running_var, variant, eps, momentum,
                                                 training), None
-            else:
-                (y, ws), stats = out, (None, None, None)
+        else:
+            (y, ws), stats = out, (None, None, None)
         ctx.save_for_backward(x, weight, v, ws, *stats)
         ctx.variant, ctx.eps, ctx.training, ctx.bias_dtype = variant, eps, training, bias.dtype
         ctx.workspace_used = False
@@ -350,15 +350,15 @@ class EvoNormBatchFn(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_y):
         x, weight, v, ws, *stats = ctx.saved_tensors
         grads = None
-        with torch.autocast(x.device.type, enabled=False):
-            if ws is not None:
-                ws = _workspace_for_backward(ctx, ws)
-                grads = _run_triton("batch_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v,
-                                    ctx.variant, ctx.eps, ctx.training)
-                if grads is None:
-                    from .triton_kernels import batch_saved_stats
-                    stats = batch_saved_stats(ws, *x.shape[:2])
+        if ws is not None:
+            ws = _workspace_for_backward(ctx, ws)
+            grads = _run_triton("batch_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v, ctx.variant,
+                                ctx.eps, ctx.training)
             if grads is None:
+                from .triton_kernels import batch_saved_stats
+                stats = batch_saved_stats(ws, *x.shape[:2])
+        if grads is None:
+            with torch.autocast(x.device.type, enabled=False):
                 grads = _batch_backward(x, grad_y, weight, v, stats, ctx.variant, ctx.eps, ctx.training)
         grad_x, grad_weight, grad_bias, grad_v = grads
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
@@ -485,14 +485,14 @@ class EvoNormSampleFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, groups: int, eps: float, centered: bool):
-        with torch.autocast(x.device.type, enabled=False):
-            out = None
-            if _use_triton(x, weight):
-                out = _run_triton("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
-            if out is None:
+        out = None
+        if _use_triton(x, weight):  # launches only: autocast does not touch them (and its context costs host time)
+            out = _run_triton("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
+        if out is None:
+            with torch.autocast(x.device.type, enabled=False):
                 (y, stats), ws = _sample_forward(x, weight, bias, v, groups, eps, centered), None
-            else:
-                (y, ws), stats = out, (None, None)
+        else:
+            (y, ws), stats = out, (None, None)
         ctx.save_for_backward(x, weight, v, ws, *stats)
         ctx.groups, ctx.eps, ctx.centered, ctx.bias_dtype = groups, eps, centered, bias.dtype
         ctx.workspace_used = False
@@ -503,15 +503,15 @@ class EvoNormSampleFn(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_y):
         x, weight, v, ws, *stats = ctx.saved_tensors
         grads = None
-        with torch.autocast(x.device.type, enabled=False):
-            if ws is not None:
-                ws = _workspace_for_backward(ctx, ws)
-                grads = _run_triton("sample_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v,
-                                    ctx.groups, ctx.eps, ctx.centered)
-                if grads is None:
-                    from .triton_kernels import sample_saved_stats
-                    stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.eps, ctx.centered)
+        if ws is not None:
+            ws = _workspace_for_backward(ctx, ws)
+            grads = _run_triton("sample_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v, ctx.groups,
+                                ctx.eps, ctx.centered)
             if grads is None:
+                from .triton_kernels import sample_saved_stats
+                stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.eps, ctx.centered)
+        if grads is None:
+            with torch.autocast(x.device.type, enabled=False):
                 grads = _sample_backward(x, grad_y, weight, v, stats)
         grad_x, grad_weight, grad_bias, grad_v = grads
         return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),

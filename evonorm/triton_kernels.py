@@ -20,6 +20,7 @@ With TRITON_INTERPRET=1 set before this module is imported, the kernels run on C
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ import triton.language as tl
 
 TILE = 1024  # elements per tile
 MAX_COLS = 1024  # longest row chunk of a tile
+MAX_ROWS = 128  # most rows of a tile (see _tile_shape)
 SMALL_TILE = 4096  # (rows, batch or group members) tile of the inline reductions over N or a group
 BATCH_VARIANTS = {"b0": 0, "b1": 1, "b2": 2}
 BATCH_SUMS = 5  # per (n, c): gy, gy t, q on the batch branch, q on the instance branch, q x on the instance branch
@@ -54,14 +56,26 @@ def _layout(ws_ptr, C, S):
     return mean_ptr, var_ptr, bstd_ptr, bstd_ptr + C
 
 
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n. Plain Python: ``triton.next_power_of_2`` and ``triton.cdiv`` are JIT functions that
+    cost microseconds per call from the host, and a layer call's host time is what limits small maps."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _tile_shape(rows: int, cols: int) -> tuple[int, int]:
-    block_l = min(triton.next_power_of_2(cols), MAX_COLS)
-    return min(max(TILE // block_l, 1), triton.next_power_of_2(rows)), block_l
+    """(BLOCK_R, BLOCK_L). At most MAX_ROWS rows: a (1024, 4) tile of the inline batch reductions summed only its
+    first column on an H200 (Triton 3.6), while tiles of up to 128 rows were right (tests/test_triton_kernels.py)."""
+    block_l = min(_pow2(cols), MAX_COLS)
+    return min(max(TILE // block_l, 1), _pow2(rows), MAX_ROWS), block_l
 
 
 def _small_block(count: int, block_r: int) -> int:
     """Members (batch samples, group channels) per step of an inline reduction for block_r rows."""
-    return max(1, min(triton.next_power_of_2(count), SMALL_TILE // block_r))
+    return max(1, min(_pow2(count), SMALL_TILE // block_r))
 
 
 class _Geometry(NamedTuple):
@@ -71,30 +85,36 @@ class _Geometry(NamedTuple):
     length: int
     block_r: int
     block_l: int
+    block_n: int  # batch samples per step of the inline reductions over N
+    row_grid: tuple[int]  # one program per block of rows (reductions over a row)
+    tile_grid: tuple[int]  # one program per (rows, columns) tile (element-wise)
 
     @property
     def rows(self) -> int:
         return self.n * self.c
 
-    @property
-    def row_grid(self) -> tuple[int]:  # one program per block of rows (reductions over a row)
-        return (triton.cdiv(self.rows, self.block_r),)
 
-    @property
-    def tile_grid(self) -> tuple[int]:  # one program per (rows, columns) tile (element-wise)
-        return (triton.cdiv(self.rows, self.block_r) * triton.cdiv(self.length, self.block_l),)
+@functools.lru_cache(maxsize=1024)
+def _geometry_of(n: int, c: int, length: int) -> _Geometry:
+    block_r, block_l = _tile_shape(n * c, length)
+    row_blocks = _cdiv(n * c, block_r)
+    return _Geometry(n, c, length, block_r, block_l, _small_block(n, block_r), (row_blocks,),
+                     (row_blocks * _cdiv(length, block_l),))
 
 
 def _geometry(x: torch.Tensor) -> _Geometry:
     n, c = x.shape[:2]
-    length = x.numel() // (n * c)
-    return _Geometry(n, c, length, *_tile_shape(n * c, length))
+    return _geometry_of(n, c, x.numel() // (n * c))
+
+
+@functools.lru_cache(maxsize=1024)
+def _workspace_size(n: int, c: int, stat_rows: int, sums: int) -> int:
+    return sum(length for _, length in workspace_layout(n, c, stat_rows, sums).values())
 
 
 def _workspace(x: torch.Tensor, stat_rows: int, sums: int) -> torch.Tensor:
     n, c = x.shape[:2]
-    size = sum(length for _, length in workspace_layout(n, c, stat_rows, sums).values())
-    return x.new_empty(size, dtype=torch.float32)
+    return x.new_empty(_workspace_size(n, c, stat_rows, sums), dtype=torch.float32)
 
 
 def _parameter_grads(ws: torch.Tensor, c: int, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -180,7 +200,7 @@ def _moments(ws: torch.Tensor, x: torch.Tensor, channels: int, rows: int) -> Non
     """Mean and variance of x seen as ``rows`` rows (N*C for the B-series, N*groups for the S-series)."""
     length = x.numel() // rows
     block_r, block_l = _tile_shape(rows, length)
-    _launch(_moments_kernel, (triton.cdiv(rows, block_r),), ws, x, rows, length, channels,
+    _launch(_moments_kernel, (_cdiv(rows, block_r),), ws, x, rows, length, channels,
             BLOCK_R=block_r, BLOCK_L=block_l)
 
 
@@ -343,7 +363,7 @@ def batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, mom
         _moments(ws, x, g.c, g.rows)
         _launch(_batch_forward_kernel, g.tile_grid, y, x, ws, weight, bias, weight if v is None else v, running_var,
                 g.n, g.c, g.length, eps, momentum, VARIANT=BATCH_VARIANTS[variant], TRAINING=training,
-                BLOCK_R=g.block_r, BLOCK_L=g.block_l, BLOCK_N=_small_block(g.n, g.block_r))
+                BLOCK_R=g.block_r, BLOCK_L=g.block_l, BLOCK_N=g.block_n)
     return y, ws
 
 
@@ -356,7 +376,7 @@ def batch_backward(x, grad_y, ws, weight, v, variant: str, eps: float, training:
     with _on_device(x):
         _launch(_batch_sums_kernel, g.row_grid, ws, x, grad_y, weight, weight if v is None else v, *args, **meta)
         _launch(_batch_grad_x_kernel, g.tile_grid, grad_x, x, grad_y, ws, weight, weight if v is None else v, *args,
-                TRAINING=training, BLOCK_N=_small_block(g.n, g.block_r), **meta)
+                TRAINING=training, BLOCK_N=g.block_n, **meta)
     return (grad_x, *_parameter_grads(ws, g.c, v))
 
 
@@ -493,7 +513,7 @@ def sample_backward(x, grad_y, ws, weight, v, groups: int, eps: float, centered:
     with _on_device(x):
         _launch(_sample_sums_kernel, g.row_grid, ws, x, grad_y, v_or_weight, g.n, g.c, g.length, groups, **meta)
         _launch(_sample_grad_x_kernel, g.tile_grid, grad_x, x, grad_y, ws, weight, v_or_weight, g.n, g.c, g.length,
-                groups, eps, CENTERED=centered, BLOCK_N=_small_block(g.n, g.block_r),
+                groups, eps, CENTERED=centered, BLOCK_N=g.block_n,
                 BLOCK_G=_small_block(g.c // groups, g.block_r), **meta)
     return (grad_x, *_parameter_grads(ws, g.c, v))
 

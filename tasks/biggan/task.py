@@ -1,0 +1,29 @@
+"""Class-conditional BigGAN image synthesis with the chosen norm-act layer in G (as a class-conditional norm-act)."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from tasks.base import TaskParts
+
+from .data import GanData
+from .features import build_feature_net
+from .models import Discriminator, Generator
+from .module import BigGanModule
+
+
+def build(cfg: DictConfig, norm_act) -> TaskParts:
+    model, optim, metrics = cfg.model, cfg.optim, cfg.metrics
+    data = GanData(**OmegaConf.to_container(cfg.data, resolve=True), resolution=model.resolution,
+                   z_dim=model.z_dim, draws_per_step=optim.d_steps * optim.accumulate,
+                   fid_samples=metrics.fid_samples, test_fid_samples=metrics.test_fid_samples)
+    generator = Generator(norm_act, data.num_classes, model.resolution, model.g_ch, model.z_dim, model.shared_dim,
+                          model.g_attention, model.g_mults, shared_init_norm=model.shared_init_norm)
+    discriminator = Discriminator(data.num_classes, model.resolution, model.d_ch, model.d_attention, model.d_mults)
+    feature_net = build_feature_net(metrics.inception_weights, metrics.image_size)
+    module = BigGanModule(generator, discriminator, feature_net, data.num_classes, model.z_dim,
+                          batch_size=cfg.data.batch_size, is_splits=metrics.is_splits,
+                          grid_columns=metrics.grid_columns, **OmegaConf.to_container(optim, resolve=True))
+    # compile=true: the Gs. Not D: called on the real and the fake batch before one backward, its spectral norms
+    # fail compiled ("modified by an inplace operation" on the power-iteration vector; eager clones it)
+    return TaskParts(module, data, model=f"biggan{model.resolution}", dataset=cfg.data.name, monitor="val/fid_ema",
+                     mode="min", compile_targets=("generator", "generator_ema"))

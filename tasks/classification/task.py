@@ -1,0 +1,20 @@
+"""Image classification: pre-activation ResNets and MobileNetV2 on Fashion-MNIST, CIFAR-10 or image folders."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from tasks.base import TaskParts
+
+from .data import ClassificationData
+from .models import build_model
+from .module import ClassificationModule
+
+
+def build(cfg: DictConfig, norm_act) -> TaskParts:
+    data = ClassificationData(**OmegaConf.to_container(cfg.data, resolve=True))
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    arch = model_kwargs.pop("arch")
+    model = build_model(arch, norm_act, data.info.num_classes, data.info.in_chans, **model_kwargs)
+    module = ClassificationModule(model, data.info.num_classes, **OmegaConf.to_container(cfg.optim, resolve=True))
+    return TaskParts(module, data, model=arch, dataset=cfg.data.name, monitor="val/acc1", mode="max",
+                     compile_targets=("model",))

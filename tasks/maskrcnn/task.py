@@ -1,0 +1,21 @@
+"""Mask R-CNN instance segmentation (torchvision's detection parts, our backbone and heads) on COCO-format data."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from tasks.base import TaskParts
+
+from .data import DetectionData
+from .model import build_maskrcnn
+from .module import MaskRCNNModule
+
+
+def build(cfg: DictConfig, norm_act) -> TaskParts:
+    data = DetectionData(steps=cfg.steps, epochs=cfg.epochs, **OmegaConf.to_container(cfg.data, resolve=True))
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    model = build_maskrcnn(norm_act, num_classes=len(data.category_ids) + 1, **model_kwargs)
+    module = MaskRCNNModule(model, data.category_ids, data.class_names,
+                            **OmegaConf.to_container(cfg.optim, resolve=True))
+    return TaskParts(module, data, model=f"maskrcnn_{model_kwargs['arch']}_fpn", dataset=data.name,
+                     monitor="val/segm_AP", mode="max",
+                     compile_targets=("model.backbone",))  # RPN/RoI sampling and post-processing: data-dependent

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device check of the Triton kernels (evonorm/triton_kernels.py) for a session with a GPU: CUDA tests (including the
-# eager fallback and the operation count), then the layer benchmark on the issue-9 shapes (float32, and bfloat16
-# input) and the model benchmark on CUDA. Logs and JSON go to $OUT when set (the device machine's result folder),
+# eager fallback, the operation count and CUDA-graph capture), the layer benchmark on the issue-9 shapes (float32,
+# and bfloat16 input), a kernel-by-kernel profile of two shapes, and the ResNet-50 training-step benchmark (float32,
+# bfloat16 autocast). Logs and JSON go to $OUT when set (the device machine's result folder),
 # else to benchmarks/results. Each step has its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step
 # still leaves the others their time; the exit status is nonzero if any step failed or timed out.
 #
@@ -24,13 +25,18 @@ step() {  # step NAME COMMAND...: run with the time limit, log to $out/NAME.log,
 }
 
 step env python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-# without the Triton-interpreter cases (CPU work for CI)
+# the CUDA cases only (the CPU and Triton-interpreter cases run in CI)
 step tests python -m pytest tests/test_triton_kernels.py tests/test_op_count.py tests/test_fast_layers.py \
-    tests/test_layers.py -q -p no:cacheprovider -rs -k "not interp"
+    tests/test_layers.py -q -p no:cacheprovider -rs -k "cuda and not interp"
 step layers python benchmarks/layers.py --device cuda --shapes gpu --layers bn_relu,b0,s0 --budget 4 \
     --json "$out/layers-cuda.json"
-step layers-bf16 python benchmarks/layers.py --device cuda --shapes 32x256x56x56 --layers bn_relu,b0,s0 --budget 4 \
+step layers-bf16 python benchmarks/layers.py --device cuda --shapes gpu --layers bn_relu,b0,s0 --budget 4 \
     --dtype bfloat16 --json "$out/layers-cuda-bf16.json"
-# needs omegaconf (pip install omegaconf) where the machine lacks it
-step models python benchmarks/models.py --device cuda --batch 32 --json "$out/models-preact_resnet50-cuda.json"
+step profile python benchmarks/layers.py --device cuda --shapes 32x256x56x56,32x2048x7x7 --layers bn_relu,b0,s0 \
+    --budget 1 --profile --json "$out/layers-cuda-profile.json"
+# issue 9's ResNet-50 step: batch 64 x 224 px, float32 and bfloat16 autocast
+step models python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --steps 10 \
+    --json "$out/models-preact_resnet50-cuda.json"
+step models-bf16 python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast \
+    --steps 10 --autocast bfloat16 --json "$out/models-preact_resnet50-cuda-bf16.json"
 exit "$failed"

@@ -5,7 +5,9 @@ processes hits them alike: compare the ratios, not the absolute times, across ru
 ``evonorm.NORM_ACT_NAMES`` (EvoNorms as ``impl="fast"`` under the torch.compile policy ``--compile``, as
 "fast-eager" with compilation off, and as ``impl="reference"``) and timm's EvoNorm2d* when timm is installed, all in
 training mode. "fwd" is a training forward (autograd graph recorded), "fwd+bwd" adds the backward of a fixed random
-output gradient; times are medians over the rounds. "saved" is the bytes of the distinct tensor storages autograd
+output gradient; times are medians over the rounds, each call timed with the host waiting for the device, so on a
+GPU they include the host's time per call (Python, launches). On CUDA, "graph" is the device time of fwd+bwd alone
+(replays of a CUDA graph of the call), for the baseline and the fast EvoNorms. "saved" is the bytes of the distinct tensor storages autograd
 keeps for backward (parameters and buffers excluded) divided by the input's bytes.
 
 On Linux the benchmark stops glibc from handing freed memory back to the OS (``mallopt``; ``--malloc-trim`` keeps
@@ -17,6 +19,7 @@ processes and caching allocators (CUDA, jemalloc) keep their memory too.
     python benchmarks/layers.py --quick                          # tiny smoke run
     python benchmarks/layers.py --shapes 32x64x56x56 --layers bn_relu,b0,s0
     python benchmarks/layers.py --device cuda --shapes gpu --dtype bfloat16   # half input, float32 parameters
+    python benchmarks/layers.py --device cuda --shapes 32x256x56x56 --layers b0 --profile   # kernel by kernel
 """
 from __future__ import annotations
 
@@ -120,6 +123,42 @@ def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def graph_ms(layer, x, grad, replays: int = 20) -> float | None:
+    """Device time (ms) of one training forward+backward: replays of a CUDA graph of the call, so no host work (Python,
+    launches) sits between the kernels. None where the call cannot be captured. The first capture of a process
+    failed on an H200 (torch 2.11: cudaErrorStreamCaptureInvalidated) while later ones worked: one retry."""
+    for attempt in (1, 2):
+        try:
+            return _graph_ms(layer, x, grad, replays)
+        except RuntimeError as err:
+            print(f"  no CUDA graph of {type(layer).__name__} (try {attempt}): {err}", file=sys.stderr)
+    return None
+
+
+def _graph_ms(layer, x, grad, replays: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        x = x.detach().clone().requires_grad_()  # a leaf whose gradient accumulates on this stream
+        for _ in range(2):
+            layer(x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    layer.zero_grad(set_to_none=True)  # gradients then live in the graph's memory pool
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer(x).backward(grad)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=torch.float32):
     """Median fwd and fwd+bwd times (ms) and saved bytes of each case on one shape, rounds interleaved. The input
     (and output gradient) has ``dtype``, the layers float32 parameters: what a layer sees after an autocast conv."""
@@ -164,6 +203,10 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
         for case in layers:
             rows[case]["fwd"].append(timed(forward, case))
             rows[case]["fwd_bwd"].append(timed(forward_backward, case))
+    for case in layers:  # the rows above wait for the host between calls; this is the kernels' time alone
+        select_compile(case)
+        rows[case]["graph"] = graph_ms(layers[case], x, grad) if device.type == "cuda" and case[1] in (
+            "torch", "fast") else None
     input_bytes = x.numel() * x.element_size()
     results = []
     for (name, impl), row in rows.items():
@@ -171,21 +214,54 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
             "layer": name, "impl": impl, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
             "rounds": rounds,
             "fwd_ms": statistics.median(row["fwd"]), "fwd_bwd_ms": statistics.median(row["fwd_bwd"]),
+            "graph_fwd_bwd_ms": row["graph"],
             "saved_bytes": row["saved_bytes"], "saved_ratio": row["saved_bytes"] / input_bytes,
         })
     base = next((r for r in results if (r["layer"], r["impl"]) == BASELINE), None)
     for r in results:
         r["fwd_ratio"] = r["fwd_ms"] / base["fwd_ms"] if base else None
         r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"] if base else None
+        graphed = base and base["graph_fwd_bwd_ms"] and r["graph_fwd_bwd_ms"]
+        r["graph_fwd_bwd_ratio"] = r["graph_fwd_bwd_ms"] / base["graph_fwd_bwd_ms"] if graphed else None
     return results
 
 
+def profile_shape(shape, cases, device, dtype, calls=5):
+    """Prints the kernels of ``calls`` forward+backward calls of each case with their device time (torch.profiler):
+    where a layer's time goes, launch by launch."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(device, dtype)
+    for name, impl in cases:
+        if impl in ("reference", "timm"):
+            continue
+        fused.set_compile("off" if impl == "fast-eager" else "auto")
+        layer = build(name, impl, shape[1], device)
+        layer(x).backward(grad)  # warm-up: compilation stays out of the profile
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                layer(x).backward(grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile {name}/{impl} {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')}, "
+              f"{calls} fwd+bwd calls")
+        print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=60))
+
+
 def print_table(results):
-    print(f"{'layer':8} {'impl':10} {'shape':>15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x bn_relu':>9} {'saved/in':>8}")
+    """fwd / fwd+bwd: wall time of a call with the host waiting for the device after it; graph: the device time of
+    fwd+bwd from CUDA-graph replays (CUDA only)."""
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    print(f"{'layer':8} {'impl':10} {'shape':>15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x bn_relu':>9} "
+          f"{'graph ms':>9} {'x':>6} {'saved/in':>8}")
     for r in results:
-        ratio = "" if r["fwd_bwd_ratio"] is None else f"{r['fwd_bwd_ratio']:.2f}"
         print(f"{r['layer']:8} {r['impl']:10} {'x'.join(map(str, r['shape'])):>15} {r['fwd_ms']:9.2f} "
-              f"{r['fwd_bwd_ms']:11.2f} {ratio:>9} {r['saved_ratio']:8.2f}")
+              f"{r['fwd_bwd_ms']:11.2f} {fmt(r['fwd_bwd_ratio'], '.2f'):>9} "
+              f"{fmt(r['graph_fwd_bwd_ms'], '.3f'):>9} {fmt(r['graph_fwd_bwd_ratio'], '.2f'):>6} "
+              f"{r['saved_ratio']:8.2f}")
 
 
 def main(argv=None):
@@ -208,6 +284,8 @@ def main(argv=None):
     parser.add_argument("--malloc-trim", action="store_true",
                         help="leave glibc's trimming of freed memory on (see above)")
     parser.add_argument("--quick", action="store_true", help="tiny shape, 3 rounds: a smoke run of a few seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each fast/torch case's kernels and their times (torch.profiler)")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.repeats, args.budget = "quick", 3, 0.0
@@ -226,6 +304,8 @@ def main(argv=None):
         print(f"shape {shape} ...", file=sys.stderr, flush=True)
         results += bench_shape(shape, cases, device, args.repeats, args.budget, args.compile,
                                getattr(torch, args.dtype))
+        if args.profile:
+            profile_shape(shape, cases, device, getattr(torch, args.dtype))
     print_table(results)
 
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"

@@ -15,6 +15,7 @@ before the first step. Children run one after another in ``--passes`` interleave
     python benchmarks/models.py --layers bn_relu,s0 --batch 8 --size 160
     python benchmarks/models.py --quick                           # tiny smoke run
     python benchmarks/models.py --arch maskrcnn_r50_fpn --batch 2 --size 320 --impls fast
+    python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --autocast bfloat16
 """
 from __future__ import annotations
 
@@ -78,8 +79,10 @@ def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: 
     return model, [images, targets], lambda losses: sum(losses.values())
 
 
-def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str) -> dict:
-    """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes."""
+def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str,
+            autocast: str | None = None) -> dict:
+    """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes. ``autocast``
+    names the dtype of a ``torch.autocast`` region around the forward and the loss (mixed precision)."""
     dev = torch.device(device)
     torch.manual_seed(0)
     case = detector_case if arch in DETECTORS else classifier_case
@@ -91,7 +94,9 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss_of(model(*args)).backward()
+        with torch.autocast(dev.type, dtype=getattr(torch, autocast or "float32"), enabled=autocast is not None):
+            loss = loss_of(model(*args))
+        loss.backward()
         optimizer.step()
 
     saved = saved_bytes(model, x) if case is classifier_case else 0  # detection: RoI sampling varies per call
@@ -134,6 +139,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per child, after one warm-up step")
     parser.add_argument("--passes", type=int, default=1, help="passes over all cases, interleaved")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                        help="mixed precision: forward and loss under torch.autocast with this dtype")
     parser.add_argument("--json", type=Path, default=None,
                         help="output path (default benchmarks/results/models-<arch>-<device>.json)")
     parser.add_argument("--quick", action="store_true", help="tiny model input, a smoke run of a few seconds")
@@ -152,10 +159,10 @@ def main(argv=None):
     for _ in range(args.passes):
         for layer, impl in cases(args.layers.split(","), args.impls.split(","), args.arch in DETECTORS):
             spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
-                        steps=args.steps, device=args.device)
+                        steps=args.steps, device=args.device, autocast=args.autocast)
             print(f"{layer}/{impl} ...", file=sys.stderr, flush=True)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
+                                 text=True, check=True)  # the child's warnings (a fallback, say) reach stderr
             runs.setdefault((layer, impl), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     results = [{"layer": layer, "impl": impl, **{k: statistics.median(r[k] for r in rs) for k in rs[0]}}
@@ -164,16 +171,19 @@ def main(argv=None):
     for r in results:
         for key in ("step_ms", "peak_bytes", "saved_bytes"):
             r[key.split("_")[0] + "_ratio"] = r[key] / base[key] if base[key] else None
-    print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, ratios to bn_relu:")
+    precision = f"autocast {args.autocast}" if args.autocast else "float32"
+    print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, {precision}, ratios to bn_relu:")
     print(f"{'layer':8} {'impl':9} {'step ms':>9} {'x':>6} {'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6}")
     for r in results:
         fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"{r['layer']:8} {r['impl']:9} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
               f"{r['peak_bytes'] / 2**20:9.1f} {fmt(r['peak_ratio']):>6} {r['saved_bytes'] / 2**20:9.1f} "
               f"{fmt(r['saved_ratio']):>6}")
-    path = args.json or ROOT / "benchmarks" / "results" / f"models-{args.arch}-{args.device}.json"
+    suffix = f"-{args.autocast}" if args.autocast else ""
+    path = args.json or ROOT / "benchmarks" / "results" / f"models-{args.arch}-{args.device}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": args.arch, "batch": args.batch, "size": args.size, "device": args.device,
+            "autocast": args.autocast,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -1,4 +1,4 @@
-"""Class-conditional BigGAN image synthesis with the chosen norm-act layer in G (as a class-conditional norm-act)."""
+"""Builds the biggan task's parts from its config (the registry entry; imports the training stack)."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf

@@ -1,4 +1,4 @@
-"""Image classification: pre-activation ResNets and MobileNetV2 on Fashion-MNIST, CIFAR-10 or image folders."""
+"""Builds the classification task's parts from its config (the registry entry; imports the training stack)."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf

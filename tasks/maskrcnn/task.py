@@ -1,4 +1,4 @@
-"""Mask R-CNN instance segmentation (torchvision's detection parts, our backbone and heads) on COCO-format data."""
+"""Builds the maskrcnn task's parts from its config (the registry entry; imports the training stack)."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 
 from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_dirs, load_with_val_split
+from tasks.common.sampling import draws_for_all_ranks
 
 SPLITS = ("val", "test")
 
@@ -99,9 +100,8 @@ class GanData(pl.LightningDataModule):
 
     def train_dataloader(self):
         per_step = self.batch_size * self.draws_per_step
-        # under DDP Lightning splits the sampler's batches over the processes: each takes steps_per_epoch of them
-        world = self.trainer.world_size if self.trainer else 1
-        sampler = RandomSampler(self.train_set, num_samples=self.steps_per_epoch * per_step * world)
+        draws = draws_for_all_ranks(self, self.steps_per_epoch * per_step)  # each rank: steps_per_epoch G steps
+        sampler = RandomSampler(self.train_set, num_samples=draws)
         return self._loader(self.train_set, sampler, per_step)
 
     def latent_loader(self, split: str) -> DataLoader:

@@ -21,6 +21,7 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from tasks.common.datasets import DatasetError
+from tasks.common.sampling import draws_for_all_ranks
 
 from .scenes import ensure_fashion_scenes
 
@@ -201,9 +202,8 @@ class DetectionData(pl.LightningDataModule):
         return math.ceil(self.steps / self.epochs)
 
     def train_dataloader(self):
-        # under DDP Lightning splits the sampler's indices over the processes: each takes steps_per_epoch batches
-        world = self.trainer.world_size if self.trainer else 1
-        sampler = StepSampler(len(self.train_set), self.steps_per_epoch * self.batch_size * world, self.seed)
+        draws = draws_for_all_ranks(self, self.steps_per_epoch * self.batch_size)  # each rank: steps_per_epoch batches
+        sampler = StepSampler(len(self.train_set), draws, self.seed)
         return DataLoader(self.train_set, self.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=True)
 

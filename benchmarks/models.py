@@ -2,9 +2,11 @@
 
 Models: a classification model (``--arch preact_resnet50`` ...) on random images and labels, or Mask R-CNN
 (``--arch maskrcnn_r50_fpn`` / ``maskrcnn_r18_fpn``: our pre-activation ResNet-FPN with the layer at every norm
-position) on random images with three random objects each; for Mask R-CNN torchvision's stock
-``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` (BatchNorm, TwoMLPHead box head, no norm in FPN or
-heads) runs too, as ``torchvision/stock``.
+position) on random images with three random objects each; for Mask R-CNN torchvision's stock models run too:
+``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` as ``torchvision/stock`` (BatchNorm backbone,
+TwoMLPHead box head, no norm in FPN or heads) and ``maskrcnn_resnet50_fpn_v2`` as ``torchvision/stock_v2`` (BatchNorm
+at every position and a 4conv1fc box head, the design of ours). ``--box-head 2fc`` builds ours with the stock
+TwoMLPHead's shape (no convs, two FCs) to isolate the box head's share.
 
 Reports the median step time, peak memory of the step and the bytes autograd saves for backward, each as a ratio
 to BN-ReLU measured in the same invocation. Every case runs in its own child process, so that its peak memory is
@@ -15,6 +17,7 @@ before the first step. Children run one after another in ``--passes`` interleave
     python benchmarks/models.py --layers bn_relu,s0 --batch 8 --size 160
     python benchmarks/models.py --quick                           # tiny smoke run
     python benchmarks/models.py --arch maskrcnn_r50_fpn --batch 2 --size 320 --impls fast
+    python benchmarks/models.py --arch maskrcnn_r50_fpn --batch 2 --size 320 --layers bn_relu --box-head 2fc
     python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --autocast bfloat16
 """
 from __future__ import annotations
@@ -39,7 +42,8 @@ from tasks.classification.models import build_model  # noqa: E402
 from tasks.maskrcnn.model import build_maskrcnn  # noqa: E402
 
 DETECTORS = {"maskrcnn_r50_fpn": "preact_resnet50", "maskrcnn_r18_fpn": "preact_resnet18"}
-STOCK = ("torchvision", "stock")
+STOCK = {("torchvision", "stock"): "maskrcnn_resnet50_fpn", ("torchvision", "stock_v2"): "maskrcnn_resnet50_fpn_v2"}
+BOX_HEADS = {"4conv1fc": {"box_head_convs": 4, "box_head_fcs": 1}, "2fc": {"box_head_convs": 0, "box_head_fcs": 2}}
 
 
 def rss_bytes() -> int:
@@ -56,15 +60,17 @@ def classifier_case(arch: str, layer: str, impl: str, batch: int, size: int, dev
     return model, x, lambda out: torch.nn.functional.cross_entropy(out, y)
 
 
-def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: torch.device):
+def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: torch.device,
+                  box_head: str = "4conv1fc"):
     """(model, [images, targets], summed losses); the COCO defaults of our model at ``size`` px, 81 classes."""
-    if (layer, impl) == STOCK:
-        from torchvision.models.detection import maskrcnn_resnet50_fpn
-        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    if (layer, impl) in STOCK:
+        from torchvision.models import detection
+        model = getattr(detection, STOCK[layer, impl])(weights=None, weights_backbone=None, min_size=size,
+                                                       max_size=size)
     else:
         kwargs = {"impl": impl} if impl != "torch" else {}
         model = build_maskrcnn(evonorm.norm_act_factory(layer, **kwargs), 81, DETECTORS[arch],
-                               train_sizes=(size,), test_size=size, max_size=size)
+                               train_sizes=(size,), test_size=size, max_size=size, **BOX_HEADS[box_head])
     gen = torch.Generator().manual_seed(0)
     images = [torch.rand(3, size, size, generator=gen).to(dev) for _ in range(batch)]
     targets = []
@@ -80,13 +86,16 @@ def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: 
 
 
 def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str,
-            autocast: str | None = None) -> dict:
+            autocast: str | None = None, box_head: str = "4conv1fc") -> dict:
     """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes. ``autocast``
     names the dtype of a ``torch.autocast`` region around the forward and the loss (mixed precision)."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    case = detector_case if arch in DETECTORS else classifier_case
-    model, x, loss_of = case(arch, layer, impl, batch, size, dev)
+    detector = arch in DETECTORS
+    if detector:
+        model, x, loss_of = detector_case(arch, layer, impl, batch, size, dev, box_head)
+    else:
+        model, x, loss_of = classifier_case(arch, layer, impl, batch, size, dev)
     model = model.to(dev).train()
     optimizer = torch.optim.SGD(evonorm.param_groups_weight_decay(model, 1e-4), lr=0.01, momentum=0.9)
     args = x if isinstance(x, list) else [x]
@@ -99,7 +108,7 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
         loss.backward()
         optimizer.step()
 
-    saved = saved_bytes(model, x) if case is classifier_case else 0  # detection: RoI sampling varies per call
+    saved = 0 if detector else saved_bytes(model, x)  # detection: RoI sampling varies per call
     base_rss = rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -126,7 +135,7 @@ def cases(layers: list[str], impls: list[str], detector: bool = False) -> list[t
             out += [(name, impl) for impl in impls]
         elif (name, "torch") != BASELINE:
             out.append((name, "torch"))
-    return out + [STOCK] if detector else out
+    return out + list(STOCK) if detector else out
 
 
 def main(argv=None):
@@ -141,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
                         help="mixed precision: forward and loss under torch.autocast with this dtype")
+    parser.add_argument("--box-head", choices=list(BOX_HEADS), default="4conv1fc",
+                        help="box head of our Mask R-CNN (the stock models keep theirs)")
     parser.add_argument("--json", type=Path, default=None,
                         help="output path (default benchmarks/results/models-<arch>-<device>.json)")
     parser.add_argument("--quick", action="store_true", help="tiny model input, a smoke run of a few seconds")
@@ -159,7 +170,7 @@ def main(argv=None):
     for _ in range(args.passes):
         for layer, impl in cases(args.layers.split(","), args.impls.split(","), args.arch in DETECTORS):
             spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
-                        steps=args.steps, device=args.device, autocast=args.autocast)
+                        steps=args.steps, device=args.device, autocast=args.autocast, box_head=args.box_head)
             print(f"{layer}/{impl} ...", file=sys.stderr, flush=True)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
                                  text=True, check=True)  # the child's warnings (a fallback, say) reach stderr
@@ -173,10 +184,10 @@ def main(argv=None):
             r[key.split("_")[0] + "_ratio"] = r[key] / base[key] if base[key] else None
     precision = f"autocast {args.autocast}" if args.autocast else "float32"
     print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, {precision}, ratios to bn_relu:")
-    print(f"{'layer':8} {'impl':9} {'step ms':>9} {'x':>6} {'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6}")
+    print(f"{'layer':11} {'impl':9} {'step ms':>9} {'x':>6} {'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6}")
     for r in results:
         fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"{r['layer']:8} {r['impl']:9} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
+        print(f"{r['layer']:11} {r['impl']:9} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
               f"{r['peak_bytes'] / 2**20:9.1f} {fmt(r['peak_ratio']):>6} {r['saved_bytes'] / 2**20:9.1f} "
               f"{fmt(r['saved_ratio']):>6}")
     suffix = f"-{args.autocast}" if args.autocast else ""

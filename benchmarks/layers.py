@@ -123,6 +123,13 @@ def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+def random_input(shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input that requires grad, output gradient), the same for every case and run."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    return x, torch.randn(shape, generator=gen).to(device, dtype)
+
+
 def graph_ms(layer, x, grad, replays: int = 20) -> float | None:
     """Device time (ms) of one training forward+backward: replays of a CUDA graph of the call, so no host work (Python,
     launches) sits between the kernels. None where the call cannot be captured. The first capture of a process
@@ -163,9 +170,7 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
     """Median fwd and fwd+bwd times (ms) and saved bytes of each case on one shape, rounds interleaved. The input
     (and output gradient) has ``dtype``, the layers float32 parameters: what a layer sees after an autocast conv."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-    grad = torch.randn(shape, generator=gen).to(device, dtype)
+    x, grad = random_input(shape, device, dtype)
     layers, rows = {}, {}
 
     def select_compile(case):
@@ -226,22 +231,21 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
     return results
 
 
-def profile_shape(shape, cases, device, dtype, calls=5):
+def profile_shape(shape, cases, device, compile_mode, dtype, calls=5):
     """Prints the kernels of ``calls`` forward+backward calls of each case with their device time (torch.profiler):
     where a layer's time goes, launch by launch."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-    grad = torch.randn(shape, generator=gen).to(device, dtype)
+    x, grad = random_input(shape, device, dtype)
     for name, impl in cases:
         if impl in ("reference", "timm"):
             continue
-        fused.set_compile("off" if impl == "fast-eager" else "auto")
+        fused.set_compile("off" if impl == "fast-eager" else compile_mode)
         layer = build(name, impl, shape[1], device)
         layer(x).backward(grad)  # warm-up: compilation stays out of the profile
         with profile(activities=activities) as prof:
             for _ in range(calls):
+                x.grad = None  # as in the timed rounds: no accumulation kernel into x.grad
                 layer(x).backward(grad)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -305,7 +309,7 @@ def main(argv=None):
         results += bench_shape(shape, cases, device, args.repeats, args.budget, args.compile,
                                getattr(torch, args.dtype))
         if args.profile:
-            profile_shape(shape, cases, device, getattr(torch, args.dtype))
+            profile_shape(shape, cases, device, args.compile, getattr(torch, args.dtype))
     print_table(results)
 
     suffix = "" if args.dtype == "float32" else f"-{args.dtype}"

@@ -74,6 +74,15 @@ def test_norm_in_gives_standard_choice_elsewhere(caplog):
         build_maskrcnn(evonorm.norm_act_factory("s0"), 3, norm_in=["neck"], **TINY_MODEL)
 
 
+def test_roi_sampling_ratio_reaches_both_poolers(tmp_path):
+    model = build_maskrcnn(evonorm.norm_act_factory("gn_relu"), 3, roi_sampling_ratio=1, **TINY_MODEL)
+    assert [model.roi_heads.box_roi_pool.sampling_ratio, model.roi_heads.mask_roi_pool.sampling_ratio] == [1, 1]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # CPU default 1; the COCO recipe keeps 2
+        cpu = compose("config", overrides=["task=maskrcnn", f"output_dir={tmp_path}"])
+        coco = compose("config", overrides=["experiment=maskrcnn_r50_fpn_coco", f"output_dir={tmp_path}"])
+    assert (cpu.task.model.roi_sampling_ratio, coco.task.model.roi_sampling_ratio) == (1, 2)
+
+
 def test_zero_roi_batches_keep_running_var_finite_and_empty_predictions_score_zero():
     model = build_maskrcnn(evonorm.norm_act_factory("b0"), 3, **TINY_MODEL).train()
     losses = model(*tiny_batch(objects=False))  # negatives only: no positive RoI reaches the mask head

@@ -1,6 +1,8 @@
 """benchmarks/models.py runs end to end and reports ratios to BN-ReLU from its own measurements."""
 import json
 
+import pytest
+
 from benchmarks import models
 
 
@@ -15,3 +17,19 @@ def test_model_benchmark_quick(tmp_path):
         assert r["step_ms"] > 0 and r["saved_bytes"] > 0
         assert r["step_ratio"] == r["step_ms"] / saved["results"][0]["step_ms"]
     assert saved["meta"]["arch"] == "preact_resnet_cifar"
+
+
+def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
+    from benchmarks import detection_step
+    from tests.test_maskrcnn import TINY_OVERRIDES
+
+    common = [o for o in TINY_OVERRIDES if o.startswith("task.model.")] + [
+        "norm=gn_relu", "task.data.batch_size=2", f"task.data.cache_dir={tmp_path}",
+        "task.data.generate.image_size=64", "task.data.generate.num_train=6", "task.data.generate.num_val=2"]
+    variants = ["task.model.roi_sampling_ratio=2", "task.model.roi_sampling_ratio=1 task.model.fpn_channels=8"]
+    medians = detection_step.main([*common, "--steps", "2", *(a for v in variants for a in ("--variant", v))])
+    assert list(medians) == variants and all(m > 0 for m in medians.values())
+    rows = {line[:60].strip(): line.split()[-2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(tuple(variants))}
+    assert rows[variants[0]][1] == "1.00"
+    assert float(rows[variants[1]][0]) == pytest.approx(medians[variants[1]], abs=1e-3)

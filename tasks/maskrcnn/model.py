@@ -100,10 +100,12 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
                    box_fc_dim: int = 1024, box_head_convs: int = 4, box_head_fcs: int = 1,
                    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
                    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), train_sizes: tuple[int, ...] = (800,),
-                   test_size: int = 800, max_size: int = 1333, freeze_norm_stats: bool = False,
-                   backbone_ckpt: str | None = None, **detector_kwargs) -> MaskRCNN:
+                   test_size: int = 800, max_size: int = 1333, roi_sampling_ratio: int = 2,
+                   freeze_norm_stats: bool = False, backbone_ckpt: str | None = None,
+                   **detector_kwargs) -> MaskRCNN:
     """``num_classes`` counts the background. ``train_sizes``: shorter-side sizes drawn at random per training
-    batch (multi-scale training); evaluation resizes to ``test_size``. ``detector_kwargs`` go to torchvision's
+    batch (multi-scale training); evaluation resizes to ``test_size``. ``roi_sampling_ratio``: bilinear samples
+    per RoIAlign bin side (torchvision's 2; 0: adaptive, as detectron2). ``detector_kwargs`` go to torchvision's
     ``MaskRCNN`` (RPN/RoI sampling and post-processing: ``rpn_batch_size_per_image``, ``box_detections_per_img``,
     ...)."""
     if arch not in DETECTION_BACKBONES:
@@ -117,8 +119,8 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
         load_backbone(backbone.body, backbone_ckpt, arch, where["backbone"])
     levels = len(anchor_sizes)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
-    box_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
-    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+    box_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=roi_sampling_ratio)
+    mask_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=roi_sampling_ratio)
     box_head = ConvFCBoxHead(fpn_channels, head_channels, box_fc_dim, chosen("heads"), box_head_convs, box_head_fcs)
     mask_head = MaskHead(fpn_channels, head_channels, chosen("heads"))
     init_weights(box_head), init_weights(mask_head)  # the FPN and torchvision's parts keep their own init

@@ -54,8 +54,8 @@ def main(argv=None):
     built = [build_model(args.overrides + v.split(), args.ckpt) for v in variants]
     data = built[0][1]
     size = data.batch_size
-    images = len(data.train_set)  # a small set is reused from the start
-    batches = [collate([data.train_set[i % images] for i in range(b * size, (b + 1) * size)])
+    count = len(data.train_set)  # a small set is reused from the start
+    batches = [collate([data.train_set[i % count] for i in range(b * size, (b + 1) * size)])
                for b in range(args.steps + 2)]
     times = {v: [] for v in variants}
     for index, (images, targets) in enumerate(batches):

@@ -1,4 +1,5 @@
-"""benchmarks/models.py runs end to end and reports ratios to BN-ReLU from its own measurements."""
+"""The model benchmarks run end to end and report ratios from their own measurements: benchmarks/models.py to
+BN-ReLU, benchmarks/detection_step.py to its first config variant."""
 import json
 
 import pytest

@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from evonorm import norm_act_factory  # noqa: E402
 from tasks import build_task  # noqa: E402
 from tasks.maskrcnn.data import collate  # noqa: E402
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(ROOT / "conf")
 
 
 def build_model(overrides: list[str], ckpt: str | None):

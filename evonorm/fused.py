@@ -130,7 +130,8 @@ def _nc(t: torch.Tensor) -> torch.Tensor:
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
+    """t in dtype (None stays None; no call where it has it already: a layer call's host time counts on GPUs)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -361,8 +362,8 @@ class EvoNormBatchFn(torch.autograd.Function):
             with torch.autocast(x.device.type, enabled=False):
                 grads = _batch_backward(x, grad_y, weight, v, stats, ctx.variant, ctx.eps, ctx.training)
         grad_x, grad_weight, grad_bias, grad_v = grads
-        return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
-                None if v is None else grad_v.to(v.dtype), None, None, None, None, None)
+        return (_as(grad_x, x.dtype), _as(grad_weight, weight.dtype), _as(grad_bias, ctx.bias_dtype),
+                None if v is None else _as(grad_v, v.dtype), None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,16 +507,16 @@ class EvoNormSampleFn(torch.autograd.Function):
         if ws is not None:
             ws = _workspace_for_backward(ctx, ws)
             grads = _run_triton("sample_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v, ctx.groups,
-                                ctx.eps, ctx.centered)
+                                ctx.centered)
             if grads is None:
                 from .triton_kernels import sample_saved_stats
-                stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.eps, ctx.centered)
+                stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.centered)
         if grads is None:
             with torch.autocast(x.device.type, enabled=False):
                 grads = _sample_backward(x, grad_y, weight, v, stats)
         grad_x, grad_weight, grad_bias, grad_v = grads
-        return (grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(ctx.bias_dtype),
-                None if v is None else grad_v.to(v.dtype), None, None, None)
+        return (_as(grad_x, x.dtype), _as(grad_weight, weight.dtype), _as(grad_bias, ctx.bias_dtype),
+                None if v is None else _as(grad_v, v.dtype), None, None, None)
 
 
 def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: torch.Tensor | None,

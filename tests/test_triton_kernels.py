@@ -24,6 +24,7 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
 ]
 # layer inputs: groups 20 with 7x5 maps, 1x1 maps, rows longer than one tile, batch larger than one reduction step
+# (REDUCE_BLOCK samples)
 LAYER_SHAPES = [(4, 40, 7, 5), (2, 8, 1, 1), (2, 6, 20, 55), (70, 4, 2, 3)]
 INTERP_FILES = ["tests/test_triton_kernels.py", "tests/test_op_count.py"]
 
@@ -79,12 +80,16 @@ def test_fast_layers_on_triton_match_reference(name, training, shape, device, tr
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["s0", "s2", "b0", "b2"])
-def test_large_groups_reduce_in_several_steps(name, device, triton_stages):
-    """1x1 maps, a batch of 40 and (S-series) 32 channels per group: many rows per tile, and the batch and group
-    reductions of a program take several steps (on an H200 such a tile once summed only every 4th sample)."""
-    kwargs = {"groups": 2} if name.startswith("s") else {}
-    fast, ref = (layer.to(device) for layer in make_pair(name, 64, **kwargs))
-    x, grad_y = sample((40, 64, 1, 1)).to(device), sample((40, 64, 1, 1), seed=2).to(device)
+@pytest.mark.parametrize("maps", ["1x1", "5x7"])
+def test_large_groups_reduce_in_several_steps(name, maps, device, triton_stages):
+    """B-series: a batch of 40, S-series: 80 channels per group. With 1x1 maps a tile holds many rows (on an H200
+    such a tile once summed only every 4th sample), with 5x7 maps a row set (a channel's 40 samples, a group's 80
+    channels) spans several tiles; the group reductions take several steps of REDUCE_BLOCK channels."""
+    sample_series = name.startswith("s")
+    shape = {"1x1": (8, 160, 1, 1) if sample_series else (40, 16, 1, 1),
+             "5x7": (4, 160, 5, 7) if sample_series else (40, 8, 5, 7)}[maps]
+    fast, ref = (layer.to(device) for layer in make_pair(name, shape[1], **({"groups": 2} if sample_series else {})))
+    x, grad_y = sample(shape).to(device), sample(shape, seed=2).to(device)
     for got, want in zip(run(fast, x, grad_y), run(ref, x, grad_y)):
         assert_close(got, want)
     series = "sample" if name.startswith("s") else "batch"
@@ -206,7 +211,7 @@ def test_kernels_compile_for_cuda():
 
     pointers = {"ws_ptr", "w_ptr", "bias_ptr", "v_ptr", "rv_ptr"}
     tensors = {"x_ptr", "y_ptr", "gy_ptr", "gx_ptr"}
-    blocks = {"BLOCK_R": 16, "BLOCK_L": 64, "BLOCK_N": 32, "BLOCK_G": 4}
+    blocks = {"BLOCK_R": 16, "BLOCK_M": 16, "BLOCK_L": 64, "BLOCK_N": 32, "BLOCK_G": 4}
     for name, constexprs, dtype in CUDA_BUILDS:
         kernel = getattr(triton_kernels, name)
         params = list(kernel.signature.parameters)

@@ -6,9 +6,12 @@ processes hits them alike: compare the ratios, not the absolute times, across ru
 "fast-eager" with compilation off, and as ``impl="reference"``) and timm's EvoNorm2d* when timm is installed, all in
 training mode. "fwd" is a training forward (autograd graph recorded), "fwd+bwd" adds the backward of a fixed random
 output gradient; times are medians over the rounds, each call timed with the host waiting for the device, so on a
-GPU they include the host's time per call (Python, launches). On CUDA, "graph" is the device time of fwd+bwd alone
-(replays of a CUDA graph of the call), for the baseline and the fast EvoNorms. "saved" is the bytes of the distinct tensor storages autograd
-keeps for backward (parameters and buffers excluded) divided by the input's bytes.
+GPU they include the host's time per call (Python, launches). On CUDA two more fwd+bwd times: "stream", calls issued
+back to back without waiting, as a training loop issues them (CUDA events around STREAM_CALLS calls, per call: the
+longer of the host's and the device's time per call), with "host" the host's time per call in that loop; and "graph",
+the device time alone (replays of a CUDA graph of the call), for the baseline and the fast EvoNorms. "saved" is the
+bytes of the distinct tensor storages autograd keeps for backward (parameters and buffers excluded) divided by the
+input's bytes.
 
 On Linux the benchmark stops glibc from handing freed memory back to the OS (``mallopt``; ``--malloc-trim`` keeps
 the default): otherwise a loop over one layer pays page faults for all its buffers again each iteration, and which
@@ -57,6 +60,7 @@ SHAPE_PRESETS = {
     "gpu": ["32x64x56x56", "32x256x56x56", "32x512x28x28", "32x2048x7x7", "2x256x200x304", "64x192x64x64"],
     "quick": ["4x32x8x8"],
 }
+STREAM_CALLS = 10  # fwd+bwd calls per timed stream block (CUDA)
 SHAPE_PRESETS["default"] = SHAPE_PRESETS["r50"] + SHAPE_PRESETS["det"] + SHAPE_PRESETS["biggan"]
 
 
@@ -166,6 +170,21 @@ def _graph_ms(layer, x, grad, replays: int) -> float:
     return start.elapsed_time(end) / replays
 
 
+def stream_block(layer, x, grad, calls: int = STREAM_CALLS) -> tuple[float, float]:
+    """(ms per call on the stream, host ms per call) of ``calls`` fwd+bwd calls issued back to back (CUDA)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    host_start = time.perf_counter()
+    for _ in range(calls):
+        x.grad = None
+        layer(x).backward(grad)
+    host_ms = (time.perf_counter() - host_start) * 1e3 / calls
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls, host_ms
+
+
 def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=torch.float32):
     """Median fwd and fwd+bwd times (ms) and saved bytes of each case on one shape, rounds interleaved. The input
     (and output gradient) has ``dtype``, the layers float32 parameters: what a layer sees after an autocast conv."""
@@ -183,7 +202,7 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
             print(f"  skip {case[0]}/{case[1]} on {shape}: {err}", file=sys.stderr)
             continue
         select_compile(case)
-        rows[case] = {"fwd": [], "fwd_bwd": [], "saved_bytes": saved_bytes(layers[case], x)}
+        rows[case] = {"fwd": [], "fwd_bwd": [], "stream": [], "host": [], "saved_bytes": saved_bytes(layers[case], x)}
 
     def forward(layer):
         layer(x)
@@ -203,11 +222,17 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
     for case in layers:  # warm-up (the first fast call of a kernel may compile it), then time one round
         timed(forward_backward, case)
     round_s = sum(timed(forward_backward, case) for case in layers) / 1e3
-    rounds = max(3, min(repeats, int(budget_s / max(2 * round_s, 1e-9))))  # fwd + fwd_bwd: < 2 fwd_bwd
+    streamed = device.type == "cuda"
+    calls_per_round = 2 + (STREAM_CALLS if streamed else 0)  # fwd + fwd_bwd (< 2 fwd_bwd) + a stream block
+    rounds = max(3, min(repeats, int(budget_s / max(calls_per_round * round_s, 1e-9))))
     for _ in range(rounds):
         for case in layers:
             rows[case]["fwd"].append(timed(forward, case))
             rows[case]["fwd_bwd"].append(timed(forward_backward, case))
+            if streamed:
+                stream_ms, host_ms = stream_block(layers[case], x, grad)
+                rows[case]["stream"].append(stream_ms)
+                rows[case]["host"].append(host_ms)
     for case in layers:  # the rows above wait for the host between calls; this is the kernels' time alone
         select_compile(case)
         rows[case]["graph"] = graph_ms(layers[case], x, grad) if device.type == "cuda" and case[1] in (
@@ -219,6 +244,8 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
             "layer": name, "impl": impl, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
             "rounds": rounds,
             "fwd_ms": statistics.median(row["fwd"]), "fwd_bwd_ms": statistics.median(row["fwd_bwd"]),
+            "stream_fwd_bwd_ms": statistics.median(row["stream"]) if row["stream"] else None,
+            "host_fwd_bwd_ms": statistics.median(row["host"]) if row["host"] else None,
             "graph_fwd_bwd_ms": row["graph"],
             "saved_bytes": row["saved_bytes"], "saved_ratio": row["saved_bytes"] / input_bytes,
         })
@@ -226,8 +253,10 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
     for r in results:
         r["fwd_ratio"] = r["fwd_ms"] / base["fwd_ms"] if base else None
         r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"] if base else None
-        graphed = base and base["graph_fwd_bwd_ms"] and r["graph_fwd_bwd_ms"]
-        r["graph_fwd_bwd_ratio"] = r["graph_fwd_bwd_ms"] / base["graph_fwd_bwd_ms"] if graphed else None
+        for kind in ("stream", "graph"):
+            key = f"{kind}_fwd_bwd_ms"
+            known = base and base[key] and r[key]
+            r[f"{kind}_fwd_bwd_ratio"] = r[key] / base[key] if known else None
     return results
 
 
@@ -256,14 +285,16 @@ def profile_shape(shape, cases, device, compile_mode, dtype, calls=5):
 
 
 def print_table(results):
-    """fwd / fwd+bwd: wall time of a call with the host waiting for the device after it; graph: the device time of
-    fwd+bwd from CUDA-graph replays (CUDA only)."""
+    """fwd / fwd+bwd: wall time of a call with the host waiting for the device after it; stream (with the host's
+    time per call) and graph: fwd+bwd issued back to back, and the device time from CUDA-graph replays (CUDA only)."""
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     print(f"{'layer':8} {'impl':10} {'shape':>15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x bn_relu':>9} "
-          f"{'graph ms':>9} {'x':>6} {'saved/in':>8}")
+          f"{'stream ms':>9} {'x':>6} {'host ms':>8} {'graph ms':>9} {'x':>6} {'saved/in':>8}")
     for r in results:
         print(f"{r['layer']:8} {r['impl']:10} {'x'.join(map(str, r['shape'])):>15} {r['fwd_ms']:9.2f} "
               f"{r['fwd_bwd_ms']:11.2f} {fmt(r['fwd_bwd_ratio'], '.2f'):>9} "
+              f"{fmt(r['stream_fwd_bwd_ms'], '.3f'):>9} {fmt(r['stream_fwd_bwd_ratio'], '.2f'):>6} "
+              f"{fmt(r['host_fwd_bwd_ms'], '.3f'):>8} "
               f"{fmt(r['graph_fwd_bwd_ms'], '.3f'):>9} {fmt(r['graph_fwd_bwd_ratio'], '.2f'):>6} "
               f"{r['saved_ratio']:8.2f}")
 

@@ -9,9 +9,12 @@ at every position and a 4conv1fc box head, the design of ours). ``--box-head 2fc
 TwoMLPHead's shape (no convs, two FCs) to isolate the box head's share.
 
 Reports the median step time, peak memory of the step and the bytes autograd saves for backward, each as a ratio
-to BN-ReLU measured in the same invocation. Every case runs in its own child process, so that its peak memory is
-its own: CUDA ``max_memory_allocated``, or on CPU the rise of the peak resident set size over the process's size
-before the first step. Children run one after another in ``--passes`` interleaved passes; the median is reported.
+to BN-ReLU measured in the same invocation. On CUDA also where a step's time goes: "host", the time to issue the
+step (the host's work: Python, autograd, launches), and "device", the sum of its kernels' durations (torch.profiler):
+a step takes about the longer of the two, so the two say whether a layer's cost is in its kernels or on the host.
+Every case runs in its own child process, so that its peak memory is its own: CUDA ``max_memory_allocated``, or on
+CPU the rise of the peak resident set size over the process's size before the first step. Children run one after
+another in ``--passes`` interleaved passes; the median is reported.
 
     python benchmarks/models.py                                   # ResNet-50, bn_relu/gn_relu/b0/s0, batch 16
     python benchmarks/models.py --layers bn_relu,s0 --batch 8 --size 160
@@ -113,19 +116,32 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
-    times = []
+    times, host_times = [], []
     for i in range(steps + 1):
         sync()
         start = time.perf_counter()
         step()
+        issued = time.perf_counter()
         sync()
         if i:  # the first step warms up
             times.append((time.perf_counter() - start) * 1e3)
-    if dev.type == "cuda":
+            host_times.append((issued - start) * 1e3)
+    cuda = dev.type == "cuda"
+    if cuda:
         peak = torch.cuda.max_memory_allocated(dev) - base_cuda
     else:
         peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss)
-    return {"step_ms": statistics.median(times), "peak_bytes": peak, "saved_bytes": saved}
+    return {"step_ms": statistics.median(times), "host_ms": statistics.median(host_times) if cuda else None,
+            "device_ms": device_ms(step) if cuda else None, "peak_bytes": peak, "saved_bytes": saved}
+
+
+def device_ms(step) -> float:
+    """Device time of one CUDA step: the sum of its kernels' durations, without the gaps between them."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3
 
 
 def cases(layers: list[str], impls: list[str], detector: bool = False) -> list[tuple[str, str]]:
@@ -176,18 +192,21 @@ def main(argv=None):
                                  text=True, check=True)  # the child's warnings (a fallback, say) reach stderr
             runs.setdefault((layer, impl), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
 
-    results = [{"layer": layer, "impl": impl, **{k: statistics.median(r[k] for r in rs) for k in rs[0]}}
+    results = [{"layer": layer, "impl": impl,
+                **{k: None if rs[0][k] is None else statistics.median(r[k] for r in rs) for k in rs[0]}}
                for (layer, impl), rs in runs.items()]
     base = results[0]
     for r in results:
-        for key in ("step_ms", "peak_bytes", "saved_bytes"):
+        for key in ("step_ms", "device_ms", "peak_bytes", "saved_bytes"):
             r[key.split("_")[0] + "_ratio"] = r[key] / base[key] if base[key] else None
     precision = f"autocast {args.autocast}" if args.autocast else "float32"
     print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, {precision}, ratios to bn_relu:")
-    print(f"{'layer':11} {'impl':9} {'step ms':>9} {'x':>6} {'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6}")
+    print(f"{'layer':11} {'impl':9} {'step ms':>9} {'x':>6} {'host ms':>8} {'device ms':>9} {'x':>6} "
+          f"{'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6}")
     for r in results:
-        fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
         print(f"{r['layer']:11} {r['impl']:9} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
+              f"{fmt(r['host_ms'], '.1f'):>8} {fmt(r['device_ms'], '.1f'):>9} {fmt(r['device_ratio']):>6} "
               f"{r['peak_bytes'] / 2**20:9.1f} {fmt(r['peak_ratio']):>6} {r['saved_bytes'] / 2**20:9.1f} "
               f"{fmt(r['saved_ratio']):>6}")
     suffix = f"-{args.autocast}" if args.autocast else ""

@@ -1,5 +1,6 @@
 """The model benchmarks run end to end and report ratios from their own measurements: benchmarks/models.py to
-BN-ReLU, benchmarks/detection_step.py to its first config variant."""
+BN-ReLU, benchmarks/detection_step.py to its first config variant; benchmarks/host_overhead.py times the CUDA code
+path's host work on CPU."""
 import json
 
 import pytest
@@ -35,3 +36,14 @@ def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
             if line.startswith(tuple(variants))}
     assert rows[variants[0]][1] == "1.00"
     assert float(rows[variants[1]][0]) == pytest.approx(medians[variants[1]], abs=1e-3)
+
+
+def test_host_overhead_benchmark_times_the_triton_path_and_restores_it():
+    pytest.importorskip("triton")
+    from benchmarks import host_overhead
+    from evonorm import fused, triton_kernels
+
+    launch, state = triton_kernels._launch, dict(fused._triton_state)
+    medians = host_overhead.main(["--layers", "b0,s2", "--calls", "20", "--rounds", "1"])
+    assert list(medians) == ["bn_relu", "empty function", "b0", "s2"] and all(us > 0 for us in medians.values())
+    assert triton_kernels._launch is launch and fused._triton_state == state

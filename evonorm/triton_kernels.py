@@ -427,15 +427,12 @@ def _sample_forward_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, N, C, L
     grp, k, rows, ok, offs, mask, first, _ = _set_tile(CPG, 1, CPG, L, BLOCK_M, BLOCK_L)
     mean_ptr, var_ptr, gstat_ptr, _ = _layout(ws_ptr, N * C, C, 2 * N * G)
     base = grp * CPG
-    if CENTERED:
-        center = _sum_strided(mean_ptr, base, 1, CPG, BLOCK_G) / CPG
-        rstd = _group_rstd(mean_ptr, var_ptr, base, center, CPG, eps, CENTERED, BLOCK_G)
-        if first:
+    center = _sum_strided(mean_ptr, base, 1, CPG, BLOCK_G) / CPG if CENTERED else 0.0
+    rstd = _group_rstd(mean_ptr, var_ptr, base, center, CPG, eps, CENTERED, BLOCK_G)
+    if first:  # read by the backward only
+        tl.store(gstat_ptr + N * G + grp, rstd)
+        if CENTERED:
             tl.store(gstat_ptr + grp, center)
-    else:
-        rstd = _group_rstd(mean_ptr, var_ptr, base, 0.0, CPG, eps, CENTERED, BLOCK_G)
-    if first:
-        tl.store(gstat_ptr + N * G + grp, rstd)  # read by the backward only
     c = (grp % G) * CPG + k
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     z = _load(v_ptr, c, ok)[:, None] * x if HAS_V else x

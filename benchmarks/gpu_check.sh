@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Device check of the Triton kernels (evonorm/triton_kernels.py) for a session with a GPU: CUDA tests (including the
 # eager fallback, the operation count and CUDA-graph capture), the layer benchmark on the issue-9 shapes (float32,
-# and bfloat16 input), a kernel-by-kernel profile of two shapes, and the ResNet-50 training-step benchmark (float32,
-# bfloat16 autocast). Logs and JSON go to $OUT when set (the device machine's result folder),
-# else to benchmarks/results. Each step has its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step
-# still leaves the others their time; the exit status is nonzero if any step failed or timed out.
+# and bfloat16 input), the host time per layer call (direct launches against kernel[grid]), a kernel-by-kernel
+# profile of two shapes, and the ResNet-50 training-step benchmark (float32, bfloat16 autocast) with host profiles.
+# Logs and JSON go to $OUT when set (the device machine's result folder), else to benchmarks/results. Each step has
+# its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step still leaves the others their time;
+# the exit status is nonzero if any step failed or timed out.
 #
 #     bash benchmarks/gpu_check.sh                   # from the repository root or anywhere in it
 set -uo pipefail
@@ -32,11 +33,14 @@ step layers python benchmarks/layers.py --device cuda --shapes gpu --layers bn_r
     --json "$out/layers-cuda.json"
 step layers-bf16 python benchmarks/layers.py --device cuda --shapes gpu --layers bn_relu,b0,s0 --budget 4 \
     --dtype bfloat16 --json "$out/layers-cuda-bf16.json"
+# host time per layer call on tiny tensors: direct launches against Triton's kernel[grid] launch, BN-ReLU
+step host python benchmarks/host_overhead.py --device cuda --calls 1000
 step profile python benchmarks/layers.py --device cuda --shapes 32x256x56x56,32x2048x7x7 --layers bn_relu,b0,s0 \
     --budget 1 --profile --json "$out/layers-cuda-profile.json"
-# issue 9's ResNet-50 step: batch 64 x 224 px, float32 and bfloat16 autocast
+# issue 9's ResNet-50 step: batch 64 x 224 px, float32 and bfloat16 autocast, each with a host profile of one step
+# (where the host's time goes; it grew under autocast for the EvoNorms only)
 step models python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --steps 10 \
-    --json "$out/models-preact_resnet50-cuda.json"
+    --host-profile --json "$out/models-preact_resnet50-cuda.json"
 step models-bf16 python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast \
-    --steps 10 --autocast bfloat16 --json "$out/models-preact_resnet50-cuda-bf16.json"
+    --steps 10 --autocast bfloat16 --host-profile --json "$out/models-preact_resnet50-cuda-bf16.json"
 exit "$failed"

@@ -2,20 +2,28 @@
 
 On a GPU a layer call of the fast EvoNorms is host-bound at most sizes: the device finishes its four Triton
 kernels before the host has issued the next call. This benchmark runs the CUDA code path (``evonorm.triton_kernels``)
-on tiny CPU tensors with the kernel launches stubbed out, so what it times is the host's work per forward+backward
-apart from the launches: Python, the autograd function, allocations. Beside it, in the same rounds: BN-ReLU (whose
-CPU kernels are included, tiny at this size) and an empty autograd function with the same signature, which only
-allocates its outputs: the floor of any Python autograd function. Medians of interleaved rounds, one thread.
+on tiny CPU tensors under a stand-in CUDA driver (``simulated_cuda_launches``): Triton's launch path runs as on a
+GPU (binding, specialisation, cache lookup) up to its C launcher, which does nothing here, and "compiling" a kernel
+costs nothing. So what it times is the host's work per forward+backward apart from the driver's launch itself:
+Python, the autograd function, allocations, Triton's launch path. Each layer runs twice: with the module's direct
+launches (``evonorm.triton_kernels._launch``) and with every launch through ``kernel[grid]``. Beside them, in the
+same rounds: BN-ReLU (whose CPU kernels are included, tiny at this size) and an empty autograd function with the
+same signature, which only allocates its outputs: the floor of any Python autograd function. Medians of interleaved
+rounds, one thread. With ``--device cuda`` the same cases run for real on a GPU, on tensors so small that each call
+takes the host's time (the device waits for the host).
 
     python benchmarks/host_overhead.py                 # b0 and s0, 3000 calls per round
     python benchmarks/host_overhead.py --layers b0,b1,s2 --calls 500 --rounds 3
+    python benchmarks/host_overhead.py --device cuda   # real launches
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -23,6 +31,64 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import evonorm  # noqa: E402
 from evonorm import fused  # noqa: E402
+
+
+@contextlib.contextmanager
+def simulated_cuda_launches(record: list | None = None):
+    """The Triton stages on CPU tensors through Triton's launch path, with a stand-in CUDA driver (device 0, stream
+    0, sm_90) and, for each kernel compilation, a compiled kernel whose launcher appends its arguments to ``record``
+    (a list) or does nothing. Restores Triton's driver, the kernels' caches and the module's compiled-kernel table."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import CompiledKernel
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from evonorm import triton_kernels
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class RecordingKernel(CompiledKernel):
+        def __init__(self, name: str):  # only what a launch reads
+            self.name, self.src, self.metadata, self.hash = name, None, None, name
+            self.module, self.function, self.packed_metadata = name, id(self), ()
+            self._run = (lambda *args: record.append(args)) if record is not None else (lambda *args: None)
+
+        def __del__(self):  # nothing was loaded
+            pass
+
+    def compile_stub(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = RecordingKernel(self.__name__)
+        self.device_caches[device][0][key] = kernel
+        return kernel
+
+    kernels = [k for k in vars(triton_kernels).values() if isinstance(k, JITFunction)]
+    saved_caches = [k.device_caches for k in kernels]
+    saved_driver, saved_compiled = driver._active, dict(triton_kernels._compiled)
+    saved_state, saved_compile = dict(fused._triton_state), JITFunction._do_compile
+    driver.set_active(Driver())
+    JITFunction._do_compile = compile_stub
+    triton_kernels._compiled.clear()
+    for k in kernels:
+        k.device_caches = defaultdict(k.create_binder)
+    fused._triton_state.update(force=True, failed=False)
+    try:
+        yield
+    finally:
+        fused._triton_state.update(saved_state)
+        JITFunction._do_compile = saved_compile
+        driver._active = saved_driver
+        triton_kernels._compiled.clear()
+        triton_kernels._compiled.update(saved_compiled)
+        for k, caches in zip(kernels, saved_caches):
+            k.device_caches = caches
 
 
 class EmptyFn(torch.autograd.Function):
@@ -51,11 +117,13 @@ class EmptyLayer(torch.nn.Module):
 
 
 def time_calls(layer, x, grad, calls: int) -> float:
-    """Microseconds per forward+backward."""
+    """Microseconds per forward+backward (calls issued back to back; on CUDA until the device is done)."""
     start = time.perf_counter()
     for _ in range(calls):
         x.grad = None
         layer(x).backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e6
 
 
@@ -64,39 +132,54 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--layers", default="b0,s0", help="fast EvoNorms to time (comma-separated)")
     parser.add_argument("--calls", type=int, default=3000, help="forward+backward calls per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: a stand-in CUDA driver, launches do nothing; cuda: real launches on a GPU")
     args = parser.parse_args(argv)
-    from evonorm import triton_kernels  # needs triton; the kernels themselves never run
+    from evonorm import triton_kernels  # needs triton
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    saved_state, saved_launch = dict(fused._triton_state), triton_kernels._launch
-    fused._triton_state.update(force=True, failed=False)
-    triton_kernels._launch = lambda *args, **meta: None
     try:
-        return _measure(args)
+        with simulated_cuda_launches() if args.device == "cpu" else contextlib.nullcontext():
+            return _measure(args, triton_kernels)
     finally:
-        fused._triton_state.update(saved_state)
-        triton_kernels._launch = saved_launch
+        torch.set_num_threads(threads)
 
 
-def _measure(args) -> dict[str, float]:
+def _measure(args, triton_kernels) -> dict[str, float]:
     channels = 8
-    x = torch.randn(2, channels, 2, 2, requires_grad=True)
+    x = torch.randn(2, channels, 2, 2, device=args.device, requires_grad=True)
     grad = torch.randn_like(x)
-    layers = {"bn_relu": evonorm.norm_act("bn_relu", channels), "empty function": EmptyLayer(channels),
-              **{name: evonorm.norm_act(name, channels, impl="fast") for name in args.layers.split(",")}}
+    layers = {"bn_relu": (evonorm.norm_act("bn_relu", channels).to(args.device), True),
+              "empty function": (EmptyLayer(channels).to(args.device), True)}
+    for name in args.layers.split(","):
+        layer = evonorm.norm_act(name, channels, impl="fast").to(args.device)
+        layers[name] = layer, True
+        layers[f"{name} via kernel[grid]"] = layer, False
     times: dict[str, list[float]] = {name: [] for name in layers}
-    for layer in layers.values():
-        time_calls(layer.train(), x, grad, max(args.calls // 10, 1))  # warm-up
+
+    default = triton_kernels.DIRECT_LAUNCH
+
+    def timed(name, calls):
+        layer, direct = layers[name]
+        triton_kernels.DIRECT_LAUNCH = direct and default
+        try:
+            return time_calls(layer.train(), x, grad, calls)
+        finally:
+            triton_kernels.DIRECT_LAUNCH = default
+
+    for name in layers:
+        timed(name, max(args.calls // 10, 1))  # warm-up (and the first launch of each kernel, which "compiles")
     for _ in range(args.rounds):
-        for name, layer in layers.items():
-            times[name].append(time_calls(layer, x, grad, args.calls))
+        for name in layers:
+            times[name].append(timed(name, args.calls))
     if fused._triton_state["failed"]:  # the eager stages ran instead: not what this measures
         raise SystemExit("the Triton code path failed (see the warning above); nothing measured")
     medians = {name: statistics.median(t) for name, t in times.items()}
     floor = medians["empty function"]
-    print(f"{'layer':16} {'us per fwd+bwd':>15} {'over the empty function':>24}")
+    print(f"{'layer':24} {'us per fwd+bwd':>15} {'over the empty function':>24}")
     for name, us in medians.items():
-        print(f"{name:16} {us:15.1f} {us - floor:24.1f}")
+        print(f"{name:24} {us:15.1f} {us - floor:24.1f}")
     return medians
 
 

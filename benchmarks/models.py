@@ -89,9 +89,10 @@ def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: 
 
 
 def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str,
-            autocast: str | None = None, box_head: str = "4conv1fc") -> dict:
+            autocast: str | None = None, box_head: str = "4conv1fc", host_profile: bool = False) -> dict:
     """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes. ``autocast``
-    names the dtype of a ``torch.autocast`` region around the forward and the loss (mixed precision)."""
+    names the dtype of a ``torch.autocast`` region around the forward and the loss (mixed precision);
+    ``host_profile`` prints where the host's time of one more step goes."""
     dev = torch.device(device)
     torch.manual_seed(0)
     detector = arch in DETECTORS
@@ -131,6 +132,8 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
         peak = torch.cuda.max_memory_allocated(dev) - base_cuda
     else:
         peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss)
+    if host_profile:
+        print_host_profile(step, f"{layer}/{impl}", cuda)
     return {"step_ms": statistics.median(times), "host_ms": statistics.median(host_times) if cuda else None,
             "device_ms": device_ms(step) if cuda else None, "peak_bytes": peak, "saved_bytes": saved}
 
@@ -142,6 +145,19 @@ def device_ms(step) -> float:
         step()
         torch.cuda.synchronize()
     return sum(event.self_device_time_total for event in prof.key_averages()) / 1e3
+
+
+def print_host_profile(step, label: str, cuda: bool) -> None:
+    """Prints (to stderr) one step's operators, and on CUDA its runtime calls (launches, allocations,
+    synchronisations), by the host's own time in them: where a host-bound step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    print(f"--- host profile of one step, {label}", file=sys.stderr)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50),
+          file=sys.stderr)
 
 
 def cases(layers: list[str], impls: list[str], detector: bool = False) -> list[tuple[str, str]]:
@@ -166,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
                         help="mixed precision: forward and loss under torch.autocast with this dtype")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="print each case's operators (and CUDA runtime calls) by host time, one step")
     parser.add_argument("--box-head", choices=list(BOX_HEADS), default="4conv1fc",
                         help="box head of our Mask R-CNN (the stock models keep theirs)")
     parser.add_argument("--json", type=Path, default=None,
@@ -186,7 +204,8 @@ def main(argv=None):
     for _ in range(args.passes):
         for layer, impl in cases(args.layers.split(","), args.impls.split(","), args.arch in DETECTORS):
             spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
-                        steps=args.steps, device=args.device, autocast=args.autocast, box_head=args.box_head)
+                        steps=args.steps, device=args.device, autocast=args.autocast, box_head=args.box_head,
+                        host_profile=args.host_profile)
             print(f"{layer}/{impl} ...", file=sys.stderr, flush=True)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
                                  text=True, check=True)  # the child's warnings (a fallback, say) reach stderr

@@ -17,20 +17,31 @@ parameter gradients) and per-group statistics have exactly one writer program ea
 another writes in the same launch, so results are deterministic.
 
 x, y, grad_y and grad_x are read and written in their own dtype (float32, float16, bfloat16); all arithmetic is
-float32. Inputs must be contiguous (N, C, H, W). No result goes back to the host: launches only.
+float32. Inputs must be contiguous (N, C, H, W). No result goes back to the host: launches only, and only the first
+launch of a kernel per argument specialisation goes through Triton's argument binding (``_launch``).
 With TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors (tests).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
+try:
+    from triton import knobs  # Triton >= 3.4 (torch >= 2.9): where the launch hooks live
+except ImportError:  # older Triton: every launch goes through kernel[grid]
+    knobs = None
+
+log = logging.getLogger(__name__)
 ROW_TILE = 1024  # elements per tile of the row reductions (moments, backward sums)
 SET_TILE = 2048  # elements per tile of the element-wise kernels
 MAX_COLS = 1024  # longest row chunk of a tile
@@ -134,9 +145,56 @@ def _on_device(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+# Compiled kernels by launch key (see _launch); emptied when it grows past COMPILED_KEYS (shapes of many sizes)
+_compiled: dict[tuple, tuple[CompiledKernel, list[str]]] = {}
+COMPILED_KEYS = 4096
+DIRECT_LAUNCH = knobs is not None  # False: every launch through kernel[grid] (benchmarks compare the two)
+
+
+def _spec(arg):
+    """What Triton specialises an argument on (a tensor: dtype and 16-byte alignment), or finer (a scalar: its
+    value)."""
+    return (arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, torch.Tensor) else arg
+
+
 def _launch(kernel, grid: tuple[int], *args, **meta) -> None:
-    """Every kernel launch of this module (tests count launches here)."""
-    kernel[grid](*args, **meta)
+    """Every kernel launch of this module (tests count launches here), on a 1D grid.
+
+    ``kernel[grid](...)`` binds and specialises every argument on each launch: most of a launch's host time, and a
+    layer call's host time is what limits small maps on a GPU. So it runs once per launch key (it compiles the
+    kernel the first time); later launches with the key call the compiled kernel directly, with the arguments and
+    hooks Triton passes it (tests/test_triton_kernels.py compares the two). The key holds everything Triton
+    specialises on, or finer: the kernel, grid, device, constexprs, ``_spec`` of each argument and Triton's debug
+    and instrumentation settings. A Triton whose compiled kernels take other arguments makes the first direct
+    launch raise before launching: then every launch goes through ``kernel[grid]``, with a warning.
+    """
+    global DIRECT_LAUNCH
+    if not (DIRECT_LAUNCH and isinstance(kernel, JITFunction)):  # the interpreter runs its own functions
+        kernel[grid](*args, **meta)
+        return
+    device = driver.active.get_current_device()
+    key = (id(kernel), grid, device, knobs.runtime.debug, getattr(knobs.compilation, "instrumentation_mode", None),
+           *meta.values(), *map(_spec, args))
+    hit = _compiled.get(key)
+    if hit is not None:
+        compiled, constexpr_names = hit
+        params = (*args, *[meta[name] for name in constexpr_names])  # all parameters in order, as Triton binds them
+        try:
+            stream = driver.active.get_current_stream(device)
+            compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid, stream, *params), knobs.runtime.launch_enter_hook,
+                         knobs.runtime.launch_exit_hook, *params)
+            return
+        except (TypeError, AttributeError) as err:
+            log.warning("evonorm: direct Triton launches failed, launching through kernel[grid] from now on "
+                        "(%s: %s)", type(err).__name__, err)
+            DIRECT_LAUNCH = False
+    compiled = kernel[grid](*args, **meta)
+    constexpr_names = kernel.arg_names[len(args):]
+    if isinstance(compiled, CompiledKernel) and sorted(constexpr_names) == sorted(meta):
+        if len(_compiled) >= COMPILED_KEYS:
+            _compiled.clear()
+        _compiled[key] = compiled, constexpr_names
 
 
 @triton.jit

@@ -8,9 +8,9 @@ import pytest
 from benchmarks import models
 
 
-def test_model_benchmark_quick(tmp_path):
+def test_model_benchmark_quick(tmp_path, capfd):
     out = tmp_path / "models.json"
-    results = models.main(["--quick", "--layers", "bn_relu,s0", "--json", str(out)])
+    results = models.main(["--quick", "--layers", "bn_relu,s0", "--json", str(out), "--host-profile"])
     saved = json.loads(out.read_text())
     assert [(r["layer"], r["impl"]) for r in saved["results"]] == [("bn_relu", "torch"), ("s0", "fast"),
                                                                     ("s0", "reference")]
@@ -20,6 +20,9 @@ def test_model_benchmark_quick(tmp_path):
         assert r["step_ratio"] == r["step_ms"] / saved["results"][0]["step_ms"]
         assert r["host_ms"] is None and r["device_ms"] is None  # the host/device split is measured on CUDA only
     assert saved["meta"]["arch"] == "preact_resnet_cifar"
+    profiles = capfd.readouterr().err.split("--- host profile of one step, ")[1:]  # printed by each child
+    assert [p.split("\n")[0] for p in profiles] == ["bn_relu/torch", "s0/fast", "s0/reference"]
+    assert all("aten::convolution" in p and "Self CPU" in p for p in profiles)
 
 
 def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
@@ -40,10 +43,15 @@ def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
 
 def test_host_overhead_benchmark_times_the_triton_path_and_restores_it():
     pytest.importorskip("triton")
+    from triton.runtime import driver
+
     from benchmarks import host_overhead
     from evonorm import fused, triton_kernels
 
-    launch, state = triton_kernels._launch, dict(fused._triton_state)
+    state, active = dict(fused._triton_state), driver._active
+    caches, compiled = triton_kernels._moments_kernel.device_caches, dict(triton_kernels._compiled)
     medians = host_overhead.main(["--layers", "b0,s2", "--calls", "20", "--rounds", "1"])
-    assert list(medians) == ["bn_relu", "empty function", "b0", "s2"] and all(us > 0 for us in medians.values())
-    assert triton_kernels._launch is launch and fused._triton_state == state
+    assert list(medians) == ["bn_relu", "empty function", "b0", "b0 via kernel[grid]", "s2", "s2 via kernel[grid]"]
+    assert all(us > 0 for us in medians.values())
+    assert fused._triton_state == state and driver._active is active and triton_kernels.DIRECT_LAUNCH
+    assert triton_kernels._moments_kernel.device_caches is caches and triton_kernels._compiled == compiled

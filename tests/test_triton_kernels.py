@@ -184,6 +184,100 @@ def test_failed_triton_launch_warns_once_and_falls_back(failing, device, triton_
         assert_close(a, b)
 
 
+def _launch_labels(record, known):
+    """The recorded launcher calls with each tensor named: by its role in ``known`` (identity) or, for a tensor
+    allocated by the call, by dtype and shape; launch metadata (made per launch where a launch hook is set) by
+    kernel name."""
+    def label(arg):
+        if isinstance(arg, torch.Tensor):
+            return next((k for k, t in known.items() if t is arg), ("new", arg.dtype, tuple(arg.shape)))
+        if type(arg).__name__ == "LazyDict":
+            return "launch metadata", arg.data["name"]
+        return arg
+    return [tuple(label(a) for a in call) for call in record]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs its own functions, not compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name, training", CASES)
+def test_direct_launches_pass_what_triton_passes(name, training, dtype):
+    """Once a kernel is compiled, _launch calls it directly: with the grid, stream, kernel, launch hooks and
+    parameters in the order that Triton's own launch (kernel[grid]) passes them, on every launch of a forward +
+    backward (a stand-in CUDA driver records the launcher calls; this checks the installed Triton)."""
+    pytest.importorskip("triton")
+    from benchmarks.host_overhead import simulated_cuda_launches
+    from evonorm import triton_kernels
+
+    layer = make_pair(name, 16, training)[0]
+    x = sample((4, 16, 3, 5), dtype).requires_grad_()
+    grad_y = sample((4, 16, 3, 5), dtype, seed=2)
+    known = {"x": x, "grad_y": grad_y, **dict(layer.named_parameters()), **dict(layer.named_buffers())}
+    calls = {}
+    for direct in (False, True, True):  # through Triton; then direct, after the first direct call compiled
+        record = []
+        with simulated_cuda_launches(record):
+            triton_kernels.DIRECT_LAUNCH = direct
+            try:
+                layer(x).backward(grad_y)  # x is contiguous: the kernels get x itself
+                if direct:  # the second call launches directly
+                    record.clear()
+                    layer(x).backward(grad_y)
+            finally:
+                triton_kernels.DIRECT_LAUNCH = True
+            compiled_keys = len(triton_kernels._compiled)
+        calls[direct] = record
+        assert compiled_keys == (4 if direct else 0)
+    assert len(calls[True]) == len(calls[False]) == 4
+    # the stand-in kernels of the two runs differ (each run compiles anew): compare all but the kernel handle
+    strip = [call[:4] + call[5:] for call in _launch_labels(calls[True], known)]
+    assert strip == [call[:4] + call[5:] for call in _launch_labels(calls[False], known)]
+    assert all("x" in call for call in strip) and sum("grad_y" in call for call in strip) == 2
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs its own functions, not compiled kernels")
+def test_direct_launch_key_follows_triton_specialisation():
+    """A tensor of another dtype or alignment (which Triton compiles anew for) gets its own compiled kernel, not the
+    one of an earlier launch: the direct launch uses the kernel that Triton's own launch compiled for it."""
+    pytest.importorskip("triton")
+    from benchmarks.host_overhead import simulated_cuda_launches
+    from evonorm import triton_kernels
+
+    base = torch.zeros(65)
+    inputs = [base[:64], base[:64], base[1:], base[1:], base[:64].bfloat16(), base[:64].bfloat16()]
+    record = []
+    with simulated_cuda_launches(record):
+        ws = torch.zeros(1024)
+        for x in inputs:  # moments of 4 rows of 16
+            triton_kernels._launch(triton_kernels._moments_kernel, (1,), ws, x, 4, 16, 1, BLOCK_R=4, BLOCK_L=16)
+    functions = [call[4] for call in record]  # the compiled kernel of each launch
+    assert functions[0] == functions[1] and functions[2] == functions[3] and functions[4] == functions[5]
+    assert len(set(functions)) == 3
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs its own functions, not compiled kernels")
+def test_direct_launch_of_another_interface_falls_back_to_triton(monkeypatch, caplog):
+    """A Triton whose compiled kernels take other arguments (here: no launch hooks where _launch looks for them):
+    the first direct launch raises before launching, warns, and it and every later launch go through kernel[grid]."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from benchmarks.host_overhead import simulated_cuda_launches
+    from evonorm import triton_kernels
+
+    layer = make_pair("s0", 16)[0]
+    x, grad_y = sample((2, 16, 3, 3)).requires_grad_(), sample((2, 16, 3, 3), seed=2)
+    record = []
+    monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", True)
+    with simulated_cuda_launches(record), caplog.at_level(logging.WARNING, logger="evonorm.triton_kernels"):
+        layer(x).backward(grad_y)  # compiles: every launch through kernel[grid]
+        monkeypatch.setattr(triton_kernels, "knobs", SimpleNamespace(runtime=SimpleNamespace(debug=False),
+                                                                    compilation=SimpleNamespace()))
+        for _ in range(2):
+            layer(x).backward(grad_y)
+    assert len(record) == 12 and not triton_kernels.DIRECT_LAUNCH and not fused._triton_state["failed"]
+    assert caplog.text.count("direct Triton launches failed") == 1
+
+
 # (kernel, constexpr specialisation, tensor dtype): together every constexpr branch, float32 and bfloat16 tensors
 CUDA_BUILDS = [
     ("_moments_kernel", {}, "fp32"),

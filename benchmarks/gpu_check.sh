@@ -5,21 +5,27 @@
 # profile of two shapes, and the ResNet-50 training-step benchmark (float32, bfloat16 autocast) with host profiles.
 # Logs and JSON go to $OUT when set (the device machine's result folder), else to benchmarks/results. Each step has
 # its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step still leaves the others their time;
-# the exit status is nonzero if any step failed or timed out.
+# the exit status is nonzero if any step failed or timed out. Named steps run alone; "compiled" (the ResNet-50 step
+# under torch.compile, about 5 minutes of compiling) runs only when named.
 #
 #     bash benchmarks/gpu_check.sh                   # from the repository root or anywhere in it
+#     bash benchmarks/gpu_check.sh compiled          # only the compiled-model step
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
 limit="${STEP_TIMEOUT:-180}"
 mkdir -p "$out"
 failed=0
+named=" $* "
+on_request=" compiled "
 
-step() {  # step NAME COMMAND...: run with the time limit, log to $out/NAME.log, remember a failure
+step() {  # [STEP_LIMIT=s] step NAME COMMAND...: run if selected, with the time limit, log to $out/NAME.log
     local name="$1"
     shift
+    if [ "$named" != "  " ]; then [[ "$named" == *" $name "* ]] || return 0
+    elif [[ "$on_request" == *" $name "* ]]; then return 0; fi
     echo "== $name: $*" | tee "$out/$name.log"
-    timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+    timeout "${STEP_LIMIT:-$limit}" "$@" 2>&1 | tee -a "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc" | tee -a "$out/$name.log"
     [ "$rc" -eq 0 ] || failed=1
@@ -43,4 +49,7 @@ step models python benchmarks/models.py --device cuda --batch 64 --layers bn_rel
     --host-profile --json "$out/models-preact_resnet50-cuda.json"
 step models-bf16 python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast \
     --steps 10 --autocast bfloat16 --host-profile --json "$out/models-preact_resnet50-cuda-bf16.json"
+# the same step compiled (what compile=true does in the pipeline), fp32; compile_s: the first step, with compiling
+STEP_LIMIT=560 step compiled python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast \
+    --steps 10 --compile --json "$out/models-preact_resnet50-cuda-compiled.json"
 exit "$failed"

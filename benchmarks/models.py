@@ -22,6 +22,7 @@ another in ``--passes`` interleaved passes; the median is reported.
     python benchmarks/models.py --arch maskrcnn_r50_fpn --batch 2 --size 320 --impls fast
     python benchmarks/models.py --arch maskrcnn_r50_fpn --batch 2 --size 320 --layers bn_relu --box-head 2fc
     python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --autocast bfloat16
+    python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --compile
 """
 from __future__ import annotations
 
@@ -89,10 +90,13 @@ def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: 
 
 
 def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str,
-            autocast: str | None = None, box_head: str = "4conv1fc", host_profile: bool = False) -> dict:
+            autocast: str | None = None, box_head: str = "4conv1fc", host_profile: bool = False,
+            compile: bool = False) -> dict:
     """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes. ``autocast``
     names the dtype of a ``torch.autocast`` region around the forward and the loss (mixed precision);
-    ``host_profile`` prints where the host's time of one more step goes."""
+    ``host_profile`` prints where the host's time of one more step goes; ``compile`` compiles the model in place
+    (``nn.Module.compile``; Mask R-CNN: its backbone and FPN, as ``compile=true`` does in the pipeline), and the
+    warm-up step's time, which includes compiling, is reported as ``compile_s``."""
     dev = torch.device(device)
     torch.manual_seed(0)
     detector = arch in DETECTORS
@@ -113,6 +117,8 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
         optimizer.step()
 
     saved = 0 if detector else saved_bytes(model, x)  # detection: RoI sampling varies per call
+    if compile:
+        (model.backbone if detector else model).compile()
     base_rss = rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -124,9 +130,11 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
         step()
         issued = time.perf_counter()
         sync()
-        if i:  # the first step warms up
+        if i:  # the first step warms up (and compiles)
             times.append((time.perf_counter() - start) * 1e3)
             host_times.append((issued - start) * 1e3)
+        else:
+            warm_up_s = time.perf_counter() - start
     cuda = dev.type == "cuda"
     if cuda:
         peak = torch.cuda.max_memory_allocated(dev) - base_cuda
@@ -135,7 +143,8 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     if host_profile:
         print_host_profile(step, f"{layer}/{impl}", cuda)
     return {"step_ms": statistics.median(times), "host_ms": statistics.median(host_times) if cuda else None,
-            "device_ms": device_ms(step) if cuda else None, "peak_bytes": peak, "saved_bytes": saved}
+            "device_ms": device_ms(step) if cuda else None, "peak_bytes": peak, "saved_bytes": saved,
+            "compile_s": warm_up_s if compile else None}
 
 
 def device_ms(step) -> float:
@@ -182,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
                         help="mixed precision: forward and loss under torch.autocast with this dtype")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (Mask R-CNN: backbone and FPN); compile_s: the first step")
     parser.add_argument("--host-profile", action="store_true",
                         help="print each case's operators (and CUDA runtime calls) by host time, one step")
     parser.add_argument("--box-head", choices=list(BOX_HEADS), default="4conv1fc",
@@ -205,7 +216,7 @@ def main(argv=None):
         for layer, impl in cases(args.layers.split(","), args.impls.split(","), args.arch in DETECTORS):
             spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
                         steps=args.steps, device=args.device, autocast=args.autocast, box_head=args.box_head,
-                        host_profile=args.host_profile)
+                        host_profile=args.host_profile, compile=args.compile)
             print(f"{layer}/{impl} ...", file=sys.stderr, flush=True)
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
                                  text=True, check=True)  # the child's warnings (a fallback, say) reach stderr
@@ -219,20 +230,21 @@ def main(argv=None):
         for key in ("step_ms", "device_ms", "peak_bytes", "saved_bytes"):
             r[key.split("_")[0] + "_ratio"] = r[key] / base[key] if base[key] else None
     precision = f"autocast {args.autocast}" if args.autocast else "float32"
-    print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, {precision}, ratios to bn_relu:")
+    compiled = ", compiled" if args.compile else ""
+    print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, {precision}{compiled}, ratios to bn_relu:")
     print(f"{'layer':11} {'impl':9} {'step ms':>9} {'x':>6} {'host ms':>8} {'device ms':>9} {'x':>6} "
-          f"{'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6}")
+          f"{'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6} {'compile s':>9}")
     for r in results:
         fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
         print(f"{r['layer']:11} {r['impl']:9} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
               f"{fmt(r['host_ms'], '.1f'):>8} {fmt(r['device_ms'], '.1f'):>9} {fmt(r['device_ratio']):>6} "
               f"{r['peak_bytes'] / 2**20:9.1f} {fmt(r['peak_ratio']):>6} {r['saved_bytes'] / 2**20:9.1f} "
-              f"{fmt(r['saved_ratio']):>6}")
-    suffix = f"-{args.autocast}" if args.autocast else ""
+              f"{fmt(r['saved_ratio']):>6} {fmt(r['compile_s'], '.1f'):>9}")
+    suffix = ("-compiled" if args.compile else "") + (f"-{args.autocast}" if args.autocast else "")
     path = args.json or ROOT / "benchmarks" / "results" / f"models-{args.arch}-{args.device}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": args.arch, "batch": args.batch, "size": args.size, "device": args.device,
-            "autocast": args.autocast,
+            "autocast": args.autocast, "compile": args.compile,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

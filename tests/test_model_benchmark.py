@@ -19,10 +19,21 @@ def test_model_benchmark_quick(tmp_path, capfd):
         assert r["step_ms"] > 0 and r["saved_bytes"] > 0
         assert r["step_ratio"] == r["step_ms"] / saved["results"][0]["step_ms"]
         assert r["host_ms"] is None and r["device_ms"] is None  # the host/device split is measured on CUDA only
+        assert r["compile_s"] is None
     assert saved["meta"]["arch"] == "preact_resnet_cifar"
     profiles = capfd.readouterr().err.split("--- host profile of one step, ")[1:]  # printed by each child
     assert [p.split("\n")[0] for p in profiles] == ["bn_relu/torch", "s0/fast", "s0/reference"]
     assert all("aten::convolution" in p and "Self CPU" in p for p in profiles)
+
+
+def test_model_benchmark_compiled(tmp_path):
+    """--compile: the model runs compiled, and the warm-up step, which compiles it, is reported apart (on CPU a
+    compile takes seconds, an eager warm-up step of this tiny model well under one)."""
+    out = tmp_path / "models.json"
+    models.main(["--quick", "--layers", "bn_relu", "--compile", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    (row,) = saved["results"]
+    assert saved["meta"]["compile"] and row["compile_s"] > 1.0 and 0 < row["step_ms"] < 1e3 * row["compile_s"]
 
 
 def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):

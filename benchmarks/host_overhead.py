@@ -1,16 +1,17 @@
 """Host time of a fast EvoNorm call on the CUDA code path, measurable without a GPU.
 
-On a GPU a layer call of the fast EvoNorms is host-bound at most sizes: the device finishes its four Triton
-kernels before the host has issued the next call. This benchmark runs the CUDA code path (``evonorm.triton_kernels``)
+On a GPU a layer call of the fast EvoNorms is host-bound at most sizes: the device finishes its Triton kernels
+before the host has issued the next call. This benchmark runs the CUDA code path (``evonorm.triton_kernels``)
 on tiny CPU tensors under a stand-in CUDA driver (``simulated_cuda_launches``): Triton's launch path runs as on a
 GPU (binding, specialisation, cache lookup) up to its C launcher, which does nothing here, and "compiling" a kernel
 costs nothing. So what it times is the host's work per forward+backward apart from the driver's launch itself:
-Python, the autograd function, allocations, Triton's launch path. Each layer runs twice: with the module's direct
-launches (``evonorm.triton_kernels._launch``) and with every launch through ``kernel[grid]``. Beside them, in the
-same rounds: BN-ReLU (whose CPU kernels are included, tiny at this size) and an empty autograd function with the
-same signature, which only allocates its outputs: the floor of any Python autograd function. Medians of interleaved
-rounds, one thread. With ``--device cuda`` the same cases run for real on a GPU, on tensors so small that each call
-takes the host's time (the device waits for the host).
+Python, the autograd function, allocations, Triton's launch path. Each layer runs three ways: as by default (direct
+launches, ``evonorm.triton_kernels._launch``; on this tiny input each row set fits one tile, so a call is two
+launches for the B-series and three for the S-series), with every launch through ``kernel[grid]``, and in tiles
+(four launches). Beside them, in the same rounds: BN-ReLU (whose CPU kernels are included, tiny at this size) and
+an empty autograd function with the same signature, which only allocates its outputs: the floor of any Python
+autograd function. Medians of interleaved rounds, one thread. With ``--device cuda`` the same cases run for real on
+a GPU, on tensors so small that each call takes the host's time (the device waits for the host).
 
     python benchmarks/host_overhead.py                 # b0 and s0, 3000 calls per round
     python benchmarks/host_overhead.py --layers b0,b1,s2 --calls 500 --rounds 3
@@ -150,23 +151,25 @@ def _measure(args, triton_kernels) -> dict[str, float]:
     channels = 8
     x = torch.randn(2, channels, 2, 2, device=args.device, requires_grad=True)
     grad = torch.randn_like(x)
-    layers = {"bn_relu": (evonorm.norm_act("bn_relu", channels).to(args.device), True),
-              "empty function": (EmptyLayer(channels).to(args.device), True)}
+    default = triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE
+    # name: (layer, direct launches, largest whole row set): this tiny input's row sets are taken whole by default
+    layers = {"bn_relu": (evonorm.norm_act("bn_relu", channels).to(args.device), *default),
+              "empty function": (EmptyLayer(channels).to(args.device), *default)}
     for name in args.layers.split(","):
         layer = evonorm.norm_act(name, channels, impl="fast").to(args.device)
-        layers[name] = layer, True
-        layers[f"{name} via kernel[grid]"] = layer, False
+        layers[name] = layer, *default
+        layers[f"{name} via kernel[grid]"] = layer, False, default[1]
+        layers[f"{name} in tiles (4 launches)"] = layer, default[0], 0
     times: dict[str, list[float]] = {name: [] for name in layers}
 
-    default = triton_kernels.DIRECT_LAUNCH
-
     def timed(name, calls):
-        layer, direct = layers[name]
-        triton_kernels.DIRECT_LAUNCH = direct and default
+        layer, triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE = layers[name]
+        triton_kernels._plan.cache_clear()
         try:
             return time_calls(layer.train(), x, grad, calls)
         finally:
-            triton_kernels.DIRECT_LAUNCH = default
+            triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE = default
+            triton_kernels._plan.cache_clear()
 
     for name in layers:
         timed(name, max(args.calls // 10, 1))  # warm-up (and the first launch of each kernel, which "compiles")
@@ -177,9 +180,9 @@ def _measure(args, triton_kernels) -> dict[str, float]:
         raise SystemExit("the Triton code path failed (see the warning above); nothing measured")
     medians = {name: statistics.median(t) for name, t in times.items()}
     floor = medians["empty function"]
-    print(f"{'layer':24} {'us per fwd+bwd':>15} {'over the empty function':>24}")
+    print(f"{'layer':28} {'us per fwd+bwd':>15} {'over the empty function':>24}")
     for name, us in medians.items():
-        print(f"{name:24} {us:15.1f} {us - floor:24.1f}")
+        print(f"{name:28} {us:15.1f} {us - floor:24.1f}")
     return medians
 
 

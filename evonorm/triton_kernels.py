@@ -1,4 +1,5 @@
-"""Triton kernels of the fast EvoNorms on CUDA (imported only when needed): a layer call is four launches.
+"""Triton kernels of the fast EvoNorms on CUDA (imported only when needed): a layer call is four launches (two or
+three on small maps).
 
 Forward: one statistics launch (mean and variance of each (n, c) row over (H, W)) and one element-wise launch that
 also does the small algebra (batch variance or group statistics from the per-(n, c) moments, coefficients,
@@ -9,6 +10,10 @@ The element-wise kernels work on tiles of one row set: the rows that share a sta
 the batch (B-series: batch variance, batch sums) or one (sample, group) (S-series: group statistics, group sums). A
 program reduces its set's small per-(n, c) results once (a loop over N or over the group's channels) and applies
 them to its whole tile, so no launch waits on a separate small-algebra kernel and no row repeats the reduction.
+Where a whole row set fits one tile (``WHOLE_SET_TILE``: small maps), one program per set computes the set's
+moments itself: the forward is one launch, and so is the B-series backward (a channel's parameter gradients are its
+own set's; the S-series backward keeps its two launches, since a channel's parameter gradients sum over samples,
+i.e. over sets).
 
 Everything small lives in one float32 workspace per call, allocated by the forward and kept for the backward
 (``workspace_layout``): parameter gradients | mean | variance | batch std or group statistics | backward sums. The
@@ -44,6 +49,7 @@ except ImportError:  # older Triton: every launch goes through kernel[grid]
 log = logging.getLogger(__name__)
 ROW_TILE = 1024  # elements per tile of the row reductions (moments, backward sums)
 SET_TILE = 2048  # elements per tile of the element-wise kernels
+WHOLE_SET_TILE = 4096  # most elements (padded to powers of two) of a row set that one program takes whole
 MAX_COLS = 1024  # longest row chunk of a tile
 MAX_ROWS = 128  # most rows of a tile (see _tile_shape)
 REDUCE_BLOCK = 64  # members (samples, group channels) per step of the reductions over a row set
@@ -110,6 +116,11 @@ class _Plan(NamedTuple):
     block_l: int
     block_n: int  # samples per step of a reduction over the batch
     block_g: int  # channels per step of a reduction over a group (S-series)
+    whole_sets: bool  # a row set fits one tile: the "_set" kernels take it whole, one program per set
+    set_grid: tuple[int]
+    set_block_m: int
+    set_block_l: int
+    set_warps: int
 
 
 @functools.lru_cache(maxsize=1024)
@@ -121,10 +132,13 @@ def _plan(shape: torch.Size, groups: int | None) -> _Plan:
     sets, members = (c, n) if groups is None else (n * groups, c // groups)
     block_r, row_block_l = _tile_shape(n * c, length, ROW_TILE)
     block_m, block_l = _tile_shape(members, length, SET_TILE)
+    set_block_m, set_block_l = _pow2(members), _pow2(length)
+    whole_sets = set_block_m <= MAX_ROWS and set_block_l <= MAX_COLS and set_block_m * set_block_l <= WHOLE_SET_TILE
     return _Plan(n, c, length, sum(size for _, size in workspace_layout(n, c, groups).values()),
                  (_cdiv(n * c, block_r),), block_r, row_block_l,
                  (sets * _cdiv(members, block_m) * _cdiv(length, block_l),), block_m, block_l,
-                 _reduce_block(n, 1 if groups is None else block_m), _reduce_block(members))
+                 _reduce_block(n, 1 if groups is None else block_m), _reduce_block(members),
+                 whole_sets, (sets,), set_block_m, set_block_l, 8 if set_block_m * set_block_l > SET_TILE else 4)
 
 
 def _reduce_block(count: int, width: int = 1) -> int:
@@ -190,8 +204,8 @@ def _launch(kernel, grid: tuple[int], *args, **meta) -> None:
                         "(%s: %s)", type(err).__name__, err)
             DIRECT_LAUNCH = False
     compiled = kernel[grid](*args, **meta)
-    constexpr_names = kernel.arg_names[len(args):]
-    if isinstance(compiled, CompiledKernel) and sorted(constexpr_names) == sorted(meta):
+    constexpr_names = kernel.arg_names[len(args):]  # the rest of meta: launch options (num_warps)
+    if isinstance(compiled, CompiledKernel) and set(constexpr_names) <= set(meta) <= {*constexpr_names, "num_warps"}:
         if len(_compiled) >= COMPILED_KEYS:
             _compiled.clear()
         _compiled[key] = compiled, constexpr_names
@@ -275,6 +289,19 @@ def _moments(ws: torch.Tensor, x: torch.Tensor, p: _Plan) -> None:
     _launch(_moments_kernel, p.row_grid, ws, x, p.n * p.c, p.length, p.c, BLOCK_R=p.block_r, BLOCK_L=p.row_block_l)
 
 
+def _forward(set_kernel, tiled_kernel, p: _Plan, ws: torch.Tensor, x: torch.Tensor, args: tuple, meta: dict,
+             **tiled_meta) -> None:
+    """A forward's launches: one program per row set where a set fits one tile, else the moments of each (n, c)
+    row and then tiles of each set."""
+    with _on_device(x):
+        if p.whole_sets:
+            _launch(set_kernel, p.set_grid, *args, **meta, BLOCK_M=p.set_block_m, BLOCK_L=p.set_block_l,
+                    num_warps=p.set_warps)
+        else:
+            _moments(ws, x, p)
+            _launch(tiled_kernel, p.grid, *args, **meta, BLOCK_M=p.block_m, BLOCK_L=p.block_l, **tiled_meta)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # B-series: y = x / r * scale + bias, r = max(a x + b, 1), a = alpha / batch_std, b = beta / batch_std,
 # scale = weight / batch_std, instance term alpha x + beta (see evonorm.fused for the derivation). Row set: one
@@ -296,10 +323,8 @@ def _batch_variance(mean_ptr, var_ptr, c, N, C, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _instance_term(mean_ptr, var_ptr, v_ptr, rows, c, ok, eps, VARIANT: tl.constexpr):
-    """Per row: mean, alpha, beta with instance term = alpha x + beta (c: the rows' channel or channels)."""
-    mean = _load(mean_ptr, rows, ok)
-    var = _load(var_ptr, rows, ok)
+def _instance_coefficients(mean, var, v_ptr, c, eps, VARIANT: tl.constexpr):
+    """alpha, beta with instance term = alpha x + beta, per row, from the rows' moments (c: their channel(s))."""
     if VARIANT == 0:  # b0: v x + sqrt(var_{H,W} + eps)
         beta = tl.sqrt(var + eps)
         alpha = tl.zeros_like(beta) + _param(v_ptr, c)
@@ -309,12 +334,38 @@ def _instance_term(mean_ptr, var_ptr, v_ptr, rows, c, ok, eps, VARIANT: tl.const
             alpha = beta
         else:  # b2: rms - x
             alpha = tl.full(beta.shape, -1.0, tl.float32)
+    return alpha, beta
+
+
+@triton.jit
+def _instance_term(mean_ptr, var_ptr, v_ptr, rows, c, ok, eps, VARIANT: tl.constexpr):
+    """Per row: mean, alpha, beta, from the moments in the workspace."""
+    mean = _load(mean_ptr, rows, ok)
+    alpha, beta = _instance_coefficients(mean, _load(var_ptr, rows, ok), v_ptr, c, eps, VARIANT)
     return mean, alpha, beta
 
 
 @triton.jit
 def _batch_r(x, a, b):
     return tl.maximum(a[:, None] * x + b[:, None], 1.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN
+
+
+@triton.jit
+def _store_channel_stats(bstd_ptr, rv_ptr, c, batch_var, bstd, momentum, TRAINING: tl.constexpr):
+    """Channel c's batch std, for the backward; in training the running variance moves towards batch_var where it
+    is finite (torch.lerp's formula). Called by one program per channel."""
+    tl.store(bstd_ptr + c, bstd)
+    if TRAINING:
+        rv = _param(rv_ptr, c)
+        new = tl.where(momentum < 0.5, rv + momentum * (batch_var - rv),
+                       batch_var - (batch_var - rv) * (1.0 - momentum))
+        new = tl.where(batch_var - batch_var == 0.0, new, rv)
+        tl.store(rv_ptr + c, new.to(rv_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _batch_output(x, alpha, beta, bstd, w_ptr, bias_ptr, c):
+    return x / _batch_r(x, alpha / bstd, beta / bstd) * (_param(w_ptr, c) / bstd) + _param(bias_ptr, c)
 
 
 @triton.jit
@@ -329,18 +380,51 @@ def _batch_forward_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, rv_ptr, 
         batch_var = _param(rv_ptr, c)
     bstd = tl.sqrt(batch_var + eps)
     if first:
-        tl.store(bstd_ptr + c, bstd)  # read by the backward only
-        if TRAINING:  # rv <- lerp(rv, batch_var, momentum) where the batch variance is finite (torch.lerp's formula)
-            rv = _param(rv_ptr, c)
-            new = tl.where(momentum < 0.5, rv + momentum * (batch_var - rv),
-                           batch_var - (batch_var - rv) * (1.0 - momentum))
-            new = tl.where(batch_var - batch_var == 0.0, new, rv)
-            tl.store(rv_ptr + c, new.to(rv_ptr.dtype.element_ty))
-    _, alpha, beta = _instance_term(mean_ptr, var_ptr, v_ptr, rows, c, ok, eps, VARIANT)
+        _store_channel_stats(bstd_ptr, rv_ptr, c, batch_var, bstd, momentum, TRAINING)
+    mean, alpha, beta = _instance_term(mean_ptr, var_ptr, v_ptr, rows, c, ok, eps, VARIANT)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-    r = _batch_r(x, alpha / bstd, beta / bstd)
-    y = x / r * (_param(w_ptr, c) / bstd) + _param(bias_ptr, c)
+    y = _batch_output(x, alpha, beta, bstd, w_ptr, bias_ptr, c)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _batch_forward_set_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, rv_ptr, N, C, L, eps, momentum,
+                              VARIANT: tl.constexpr, TRAINING: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The whole forward of one channel whose N x L elements fit one tile: moments (exact two-pass), batch
+    variance, output."""
+    c, _, rows, ok, offs, mask, _, _ = _set_tile(1, C, N, L, BLOCK_M, BLOCK_L)
+    mean_ptr, var_ptr, bstd_ptr, _ = _layout(ws_ptr, N * C, C, C)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / L
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / L
+    tl.store(mean_ptr + rows, mean, mask=ok)  # for the backward
+    tl.store(var_ptr + rows, var, mask=ok)
+    if TRAINING:  # mean of the variances + variance of the means
+        batch_mean = tl.sum(mean, axis=0) / N  # rows past N hold zeros
+        d_mean = tl.where(ok, mean - batch_mean, 0.0)
+        batch_var = tl.sum(var + d_mean * d_mean, axis=0) / N
+    else:
+        batch_var = _param(rv_ptr, c)
+    bstd = tl.sqrt(batch_var + eps)
+    _store_channel_stats(bstd_ptr, rv_ptr, c, batch_var, bstd, momentum, TRAINING)
+    alpha, beta = _instance_coefficients(mean, var, v_ptr, c, eps, VARIANT)
+    y = _batch_output(x, alpha, beta, bstd, w_ptr, bias_ptr, c)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _batch_terms(x, gy, a, b):
+    """Per element: gy, gy t, q on the batch branch, q_inst, q_inst x, and 1 / r and the instance branch
+    (t = x / r, q = gy t / r)."""
+    r = _batch_r(x, a, b)
+    inv_r = 1.0 / r  # one division per element, not two
+    t = x * inv_r
+    q = gy * t * inv_r
+    inst = r > 1.0
+    q_inst = tl.where(inst, q, 0.0)
+    return gy * t, tl.where(inst, 0.0, q), q_inst, q_inst * x, inv_r
 
 
 @triton.jit
@@ -365,17 +449,13 @@ def _batch_sums_kernel(ws_ptr, x_ptr, gy_ptr, v_ptr, N, C, L, eps, VARIANT: tl.c
         offs, mask = _chunk(rows, ok, start, L, BLOCK_L)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 past the end: adds nothing
-        r = _batch_r(x, a, b)
-        inv_r = 1.0 / r  # one division per element, not two
-        t = x * inv_r
-        q = gy * t * inv_r
-        inst = r > 1.0
-        q_inst = tl.where(inst, q, 0.0)
+        # not "_", which holds a vector before the loop: Triton keeps a loop-assigned name's type
+        gy_t, q_batch, q_inst, q_inst_x, _inv_r = _batch_terms(x, gy, a, b)
         acc_gy += gy
-        acc_gy_t += gy * t
-        acc_q_batch += tl.where(inst, 0.0, q)
+        acc_gy_t += gy_t
+        acc_q_batch += q_batch
         acc_q_inst += q_inst
-        acc_q_inst_x += q_inst * x
+        acc_q_inst_x += q_inst_x
     tl.store(sums_ptr + rows, tl.sum(acc_gy, axis=1), mask=ok)
     tl.store(sums_ptr + R + rows, tl.sum(acc_gy_t, axis=1), mask=ok)
     tl.store(sums_ptr + 2 * R + rows, tl.sum(acc_q_batch, axis=1), mask=ok)
@@ -384,57 +464,102 @@ def _batch_sums_kernel(ws_ptr, x_ptr, gy_ptr, v_ptr, N, C, L, eps, VARIANT: tl.c
 
 
 @triton.jit
+def _batch_stat_coefficients(mean, beta, q_inst, q_inst_x, q_batch_total, batch_mean, w_ss, bstd, N, L,
+                             VARIANT: tl.constexpr, TRAINING: tl.constexpr):
+    """Per row: k1, k0 of the input gradient's terms through the statistics, k1 (x - mean) + k0, from the row's
+    sums of q_inst (and q_inst x, b1) and the channel's total of q_batch and batch mean (training)."""
+    g_beta = -w_ss * q_inst  # dL/d den = -w_ss q, summed over the instance branch
+    if VARIANT == 0:  # beta = sqrt(var + eps): d beta / dx = (x - mean) / (L beta)
+        k1 = g_beta / (beta * L)
+        k0 = tl.zeros_like(k1)
+    else:  # beta = rms: d rms / dx = x / (L rms) = ((x - mean) + mean) / (L rms); b1 also has alpha = rms
+        if VARIANT == 1:
+            g_beta += -w_ss * q_inst_x
+        k1 = g_beta / (beta * L)
+        k0 = k1 * mean
+    if TRAINING:  # d batch_std / dx = (x - batch_mean) / (N L batch_std)
+        k_batch = -w_ss * q_batch_total / (bstd * N * L)
+        k1 += k_batch
+        k0 += k_batch * (mean - batch_mean)
+    return k1, k0
+
+
+@triton.jit
+def _batch_grad_x(x, gy, mean, alpha, beta, bstd, w, k1, k0):
+    """grad_x = (gy / r - a q_inst) scale + k1 (x - mean) + k0."""
+    a = alpha / bstd
+    _, _, q_inst, _, inv_r = _batch_terms(x, gy, a, beta / bstd)
+    return (gy * inv_r - a[:, None] * q_inst) * (w / bstd) + k1[:, None] * (x - mean[:, None]) + k0[:, None]
+
+
+@triton.jit
+def _batch_parameter_grads(ws_ptr, C, c, gy_t, gy, q_inst_x, bstd, w_ss, VARIANT: tl.constexpr):
+    """Channel c's weight, bias (and v, b0) gradients from its totals over (N, H, W)."""
+    tl.store(ws_ptr + c, gy_t / bstd)
+    tl.store(ws_ptr + C + c, gy)
+    if VARIANT == 0:
+        tl.store(ws_ptr + 2 * C + c, -w_ss * q_inst_x)
+
+
+@triton.jit
 def _batch_grad_x_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C, L, eps,
                          VARIANT: tl.constexpr, TRAINING: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr):
-    """grad_x = (gy / r - a q_inst) scale + k1 (x - mean) + k0, and (first tile of each channel) the parameter
-    gradients."""
+    """The input gradient from the per-(n, c) sums, and (first tile of each channel) the parameter gradients."""
     R = N * C
     c, _, rows, ok, offs, mask, first, _ = _set_tile(1, C, N, L, BLOCK_M, BLOCK_L)
     mean_ptr, var_ptr, bstd_ptr, sums_ptr = _layout(ws_ptr, R, C, C)
     mean, alpha, beta = _instance_term(mean_ptr, var_ptr, v_ptr, rows, c, ok, eps, VARIANT)
     bstd = _param(bstd_ptr, c)
     w = _param(w_ptr, c)
-    w_ss = w / (bstd * bstd)  # dL/d den = -w_ss q
-    g_beta = -w_ss * _load(sums_ptr + 3 * R, rows, ok)
-    if VARIANT == 0:  # beta = sqrt(var + eps): d beta / dx = (x - mean) / (L beta)
-        k1 = g_beta / (beta * L)
-        k0 = tl.zeros_like(k1)
-    else:  # beta = rms: d rms / dx = x / (L rms) = ((x - mean) + mean) / (L rms); b1 also has alpha = rms
-        if VARIANT == 1:
-            g_beta += -w_ss * _load(sums_ptr + 4 * R, rows, ok)
-        k1 = g_beta / (beta * L)
-        k0 = k1 * mean
-    if TRAINING:  # d batch_std / dx = (x - batch_mean) / (N L batch_std)
-        k_batch = -w_ss * _sum_strided(sums_ptr + 2 * R, c, C, N, BLOCK_N) / (bstd * N * L)
-        batch_mean = _sum_strided(mean_ptr, c, C, N, BLOCK_N) / N
-        k1 += k_batch
-        k0 += k_batch * (mean - batch_mean)
+    w_ss = w / (bstd * bstd)
+    q_inst_x = _load(sums_ptr + 4 * R, rows, ok) if VARIANT == 1 else 0.0
+    q_batch_total = _sum_strided(sums_ptr + 2 * R, c, C, N, BLOCK_N) if TRAINING else 0.0
+    batch_mean = _sum_strided(mean_ptr, c, C, N, BLOCK_N) / N if TRAINING else 0.0
+    k1, k0 = _batch_stat_coefficients(mean, beta, _load(sums_ptr + 3 * R, rows, ok), q_inst_x, q_batch_total,
+                                      batch_mean, w_ss, bstd, N, L, VARIANT, TRAINING)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     gy = tl.load(gy_ptr + offs, mask=mask).to(tl.float32)
-    a = alpha / bstd
-    r = _batch_r(x, a, beta / bstd)
-    inv_r = 1.0 / r
-    gy_r = gy * inv_r
-    q_inst = tl.where(r > 1.0, gy_r * x * inv_r, 0.0)
-    gx = (gy_r - a[:, None] * q_inst) * (w / bstd) + k1[:, None] * (x - mean[:, None]) + k0[:, None]
+    gx = _batch_grad_x(x, gy, mean, alpha, beta, bstd, w, k1, k0)
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
     if first:
-        tl.store(ws_ptr + c, _sum_strided(sums_ptr + R, c, C, N, BLOCK_N) / bstd)
-        tl.store(ws_ptr + C + c, _sum_strided(sums_ptr, c, C, N, BLOCK_N))
-        if VARIANT == 0:
-            tl.store(ws_ptr + 2 * C + c, -w_ss * _sum_strided(sums_ptr + 4 * R, c, C, N, BLOCK_N))
+        q_inst_x_total = _sum_strided(sums_ptr + 4 * R, c, C, N, BLOCK_N) if VARIANT == 0 else 0.0
+        _batch_parameter_grads(ws_ptr, C, c, _sum_strided(sums_ptr + R, c, C, N, BLOCK_N),
+                               _sum_strided(sums_ptr, c, C, N, BLOCK_N), q_inst_x_total, bstd, w_ss, VARIANT)
+
+
+@triton.jit
+def _batch_backward_set_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C, L, eps,
+                               VARIANT: tl.constexpr, TRAINING: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The whole backward of one channel whose N x L elements fit one tile: per-(n, c) sums, their totals over the
+    batch, the input gradient and the parameter gradients."""
+    c, _, rows, ok, offs, mask, _, _ = _set_tile(1, C, N, L, BLOCK_M, BLOCK_L)
+    mean_ptr, var_ptr, bstd_ptr, _ = _layout(ws_ptr, N * C, C, C)
+    mean, alpha, beta = _instance_term(mean_ptr, var_ptr, v_ptr, rows, c, ok, eps, VARIANT)
+    bstd = _param(bstd_ptr, c)
+    w = _param(w_ptr, c)
+    w_ss = w / (bstd * bstd)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 outside the set: adds nothing
+    gy_t, q_batch, q_inst, q_inst_x, _ = _batch_terms(x, gy, alpha / bstd, beta / bstd)
+    q_inst_x = tl.sum(q_inst_x, axis=1)
+    q_batch_total = tl.sum(tl.sum(q_batch, axis=1), axis=0)
+    k1, k0 = _batch_stat_coefficients(mean, beta, tl.sum(q_inst, axis=1), q_inst_x, q_batch_total,
+                                      tl.sum(mean, axis=0) / N, w_ss, bstd, N, L, VARIANT, TRAINING)
+    gx = _batch_grad_x(x, gy, mean, alpha, beta, bstd, w, k1, k0)
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    _batch_parameter_grads(ws_ptr, C, c, tl.sum(tl.sum(gy_t, axis=1), axis=0), tl.sum(tl.sum(gy, axis=1), axis=0),
+                           tl.sum(q_inst_x, axis=0), bstd, w_ss, VARIANT)
 
 
 def batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, momentum: float, training: bool):
     """(y, workspace); in training the running variance is updated in place."""
     p = _plan(x.shape, None)
     ws, y = x.new_empty(p.workspace, dtype=torch.float32), torch.empty_like(x)
-    with _on_device(x):
-        _moments(ws, x, p)
-        _launch(_batch_forward_kernel, p.grid, y, x, ws, weight, bias, weight if v is None else v, running_var,
-                p.n, p.c, p.length, eps, momentum, VARIANT=BATCH_VARIANTS[variant], TRAINING=training,
-                BLOCK_M=p.block_m, BLOCK_L=p.block_l, BLOCK_N=p.block_n)
+    args = y, x, ws, weight, bias, weight if v is None else v, running_var, p.n, p.c, p.length, eps, momentum
+    _forward(_batch_forward_set_kernel, _batch_forward_kernel, p, ws, x, args,
+             {"VARIANT": BATCH_VARIANTS[variant], "TRAINING": training}, BLOCK_N=p.block_n)
     return y, ws
 
 
@@ -443,12 +568,17 @@ def batch_backward(x, grad_y, ws, weight, v, variant: str, eps: float, training:
     p = _plan(x.shape, None)
     grad_x = torch.empty_like(x)
     v_or_weight = weight if v is None else v
-    variant = BATCH_VARIANTS[variant]
+    args = grad_x, x, grad_y, ws, weight, v_or_weight, p.n, p.c, p.length, eps
+    meta = {"VARIANT": BATCH_VARIANTS[variant], "TRAINING": training}
     with _on_device(x):
-        _launch(_batch_sums_kernel, p.row_grid, ws, x, grad_y, v_or_weight, p.n, p.c, p.length, eps, VARIANT=variant,
-                BLOCK_R=p.block_r, BLOCK_L=p.row_block_l)
-        _launch(_batch_grad_x_kernel, p.grid, grad_x, x, grad_y, ws, weight, v_or_weight, p.n, p.c, p.length, eps,
-                VARIANT=variant, TRAINING=training, BLOCK_M=p.block_m, BLOCK_L=p.block_l, BLOCK_N=p.block_n)
+        if p.whole_sets:
+            _launch(_batch_backward_set_kernel, p.set_grid, *args, **meta, BLOCK_M=p.set_block_m,
+                    BLOCK_L=p.set_block_l, num_warps=p.set_warps)
+        else:
+            _launch(_batch_sums_kernel, p.row_grid, ws, x, grad_y, v_or_weight, p.n, p.c, p.length, eps,
+                    VARIANT=meta["VARIANT"], BLOCK_R=p.block_r, BLOCK_L=p.row_block_l)
+            _launch(_batch_grad_x_kernel, p.grid, *args, **meta, BLOCK_M=p.block_m, BLOCK_L=p.block_l,
+                    BLOCK_N=p.block_n)
     return (grad_x, *_parameter_grads(ws, p.c, v))
 
 
@@ -478,6 +608,13 @@ def _group_rstd(mean_ptr, var_ptr, base, center, CPG, eps, CENTERED: tl.constexp
 
 
 @triton.jit
+def _sample_output(x, rstd, w_ptr, bias_ptr, v_ptr, c, ok, HAS_V: tl.constexpr):
+    """x sigmoid(v x) rstd weight + bias for rows of channels c (valid where ok)."""
+    z = _load(v_ptr, c, ok)[:, None] * x if HAS_V else x
+    return x * tl.sigmoid(z) * (rstd * _load(w_ptr, c, ok))[:, None] + _load(bias_ptr, c, ok)[:, None]
+
+
+@triton.jit
 def _sample_forward_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, N, C, L, G, eps,
                            HAS_V: tl.constexpr, CENTERED: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -491,10 +628,31 @@ def _sample_forward_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, N, C, L
         tl.store(gstat_ptr + N * G + grp, rstd)
         if CENTERED:
             tl.store(gstat_ptr + grp, center)
-    c = (grp % G) * CPG + k
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-    z = _load(v_ptr, c, ok)[:, None] * x if HAS_V else x
-    y = x * tl.sigmoid(z) * (rstd * _load(w_ptr, c, ok))[:, None] + _load(bias_ptr, c, ok)[:, None]
+    y = _sample_output(x, rstd, w_ptr, bias_ptr, v_ptr, (grp % G) * CPG + k, ok, HAS_V)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sample_forward_set_kernel(y_ptr, x_ptr, ws_ptr, w_ptr, bias_ptr, v_ptr, N, C, L, G, eps,
+                               HAS_V: tl.constexpr, CENTERED: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The whole forward of one (sample, group) whose C/G x L elements fit one tile: group statistics (exact
+    two-pass), stored for the backward, and the output."""
+    CPG = C // G
+    grp, k, _, ok, offs, mask, _, _ = _set_tile(CPG, 1, CPG, L, BLOCK_M, BLOCK_L)
+    _, _, gstat_ptr, _ = _layout(ws_ptr, N * C, C, 2 * N * G)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    size = CPG * L
+    if CENTERED:
+        center = tl.sum(tl.sum(x, axis=1), axis=0) / size
+        tl.store(gstat_ptr + grp, center)
+        d = tl.where(mask, x - center, 0.0)
+    else:  # second moment
+        d = x
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / size + eps)
+    tl.store(gstat_ptr + N * G + grp, rstd)
+    y = _sample_output(x, rstd, w_ptr, bias_ptr, v_ptr, (grp % G) * CPG + k, ok, HAS_V)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -576,11 +734,9 @@ def sample_forward(x, weight, bias, v, groups: int, eps: float, centered: bool):
     """(y, workspace)."""
     p = _plan(x.shape, groups)
     ws, y = x.new_empty(p.workspace, dtype=torch.float32), torch.empty_like(x)
-    with _on_device(x):
-        _moments(ws, x, p)
-        _launch(_sample_forward_kernel, p.grid, y, x, ws, weight, bias, weight if v is None else v, p.n, p.c,
-                p.length, groups, eps, HAS_V=v is not None, CENTERED=centered, BLOCK_M=p.block_m, BLOCK_L=p.block_l,
-                BLOCK_G=p.block_g)
+    args = y, x, ws, weight, bias, weight if v is None else v, p.n, p.c, p.length, groups, eps
+    _forward(_sample_forward_set_kernel, _sample_forward_kernel, p, ws, x, args,
+             {"HAS_V": v is not None, "CENTERED": centered}, BLOCK_G=p.block_g)
     return y, ws
 
 

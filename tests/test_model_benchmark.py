@@ -59,10 +59,12 @@ def test_host_overhead_benchmark_times_the_triton_path_and_restores_it():
     from benchmarks import host_overhead
     from evonorm import fused, triton_kernels
 
-    state, active = dict(fused._triton_state), driver._active
+    state, active, whole_set_tile = dict(fused._triton_state), driver._active, triton_kernels.WHOLE_SET_TILE
     caches, compiled = triton_kernels._moments_kernel.device_caches, dict(triton_kernels._compiled)
     medians = host_overhead.main(["--layers", "b0,s2", "--calls", "20", "--rounds", "1"])
-    assert list(medians) == ["bn_relu", "empty function", "b0", "b0 via kernel[grid]", "s2", "s2 via kernel[grid]"]
+    assert list(medians) == ["bn_relu", "empty function", *(f"{name}{way}" for name in ("b0", "s2") for way in (
+        "", " via kernel[grid]", " in tiles (4 launches)"))]
     assert all(us > 0 for us in medians.values())
     assert fused._triton_state == state and driver._active is active and triton_kernels.DIRECT_LAUNCH
+    assert triton_kernels.WHOLE_SET_TILE == whole_set_tile
     assert triton_kernels._moments_kernel.device_caches is caches and triton_kernels._compiled == compiled

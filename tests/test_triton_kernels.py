@@ -29,10 +29,18 @@ LAYER_SHAPES = [(4, 40, 7, 5), (2, 8, 1, 1), (2, 6, 20, 55), (70, 4, 2, 3)]
 INTERP_FILES = ["tests/test_triton_kernels.py", "tests/test_op_count.py"]
 
 
-@pytest.fixture
-def triton_stages(monkeypatch):
-    """Names of the evonorm.triton_kernels functions that ran; Triton forced for CPU tensors (interpreter)."""
+@pytest.fixture(params=["whole_sets", "tiles"])
+def triton_stages(request, monkeypatch):
+    """Names of the evonorm.triton_kernels functions that ran; Triton forced for CPU tensors (interpreter). Each
+    test runs twice: with the default plans ("whole_sets": where a row set fits one tile, as on most maps of these
+    tests, it is taken whole) and with every row set in tiles (WHOLE_SET_TILE 0)."""
     pytest.importorskip("triton")
+    from evonorm import triton_kernels
+
+    if request.param == "tiles":
+        monkeypatch.setattr(triton_kernels, "WHOLE_SET_TILE", 0)
+    triton_kernels._plan.cache_clear()
+    request.addfinalizer(triton_kernels._plan.cache_clear)
     called = []
     run_triton = fused._run_triton
 
@@ -198,9 +206,11 @@ def _launch_labels(record, known):
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs its own functions, not compiled kernels")
+@pytest.mark.parametrize("shape", [(4, 16, 3, 5), (64, 16, 7, 7), (2, 16, 40, 40)],
+                         ids=["whole_sets", "whole_sets_8_warps", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name, training", CASES)
-def test_direct_launches_pass_what_triton_passes(name, training, dtype):
+def test_direct_launches_pass_what_triton_passes(name, training, dtype, shape):
     """Once a kernel is compiled, _launch calls it directly: with the grid, stream, kernel, launch hooks and
     parameters in the order that Triton's own launch (kernel[grid]) passes them, on every launch of a forward +
     backward (a stand-in CUDA driver records the launcher calls; this checks the installed Triton)."""
@@ -208,30 +218,33 @@ def test_direct_launches_pass_what_triton_passes(name, training, dtype):
     from benchmarks.host_overhead import simulated_cuda_launches
     from evonorm import triton_kernels
 
-    layer = make_pair(name, 16, training)[0]
-    x = sample((4, 16, 3, 5), dtype).requires_grad_()
-    grad_y = sample((4, 16, 3, 5), dtype, seed=2)
+    layer = make_pair(name, shape[1], training)[0]
+    x = sample(shape, dtype).requires_grad_()
+    grad_y = sample(shape, dtype, seed=2)
     known = {"x": x, "grad_y": grad_y, **dict(layer.named_parameters()), **dict(layer.named_buffers())}
     calls = {}
-    for direct in (False, True, True):  # through Triton; then direct, after the first direct call compiled
+    for direct in (False, True):  # through Triton; then direct, from the second call on
         record = []
         with simulated_cuda_launches(record):
             triton_kernels.DIRECT_LAUNCH = direct
             try:
                 layer(x).backward(grad_y)  # x is contiguous: the kernels get x itself
-                if direct:  # the second call launches directly
+                if direct:
                     record.clear()
                     layer(x).backward(grad_y)
             finally:
                 triton_kernels.DIRECT_LAUNCH = True
             compiled_keys = len(triton_kernels._compiled)
         calls[direct] = record
-        assert compiled_keys == (4 if direct else 0)
-    assert len(calls[True]) == len(calls[False]) == 4
+        assert compiled_keys == (len(record) if direct else 0)
+    whole_sets = triton_kernels._plan(x.shape, None if name[0] == "b" else layer.groups).whole_sets
+    forward_launches = 1 if whole_sets else 2
+    backward_launches = 1 if whole_sets and name[0] == "b" else 2
+    assert len(calls[True]) == len(calls[False]) == forward_launches + backward_launches
     # the stand-in kernels of the two runs differ (each run compiles anew): compare all but the kernel handle
     strip = [call[:4] + call[5:] for call in _launch_labels(calls[True], known)]
     assert strip == [call[:4] + call[5:] for call in _launch_labels(calls[False], known)]
-    assert all("x" in call for call in strip) and sum("grad_y" in call for call in strip) == 2
+    assert all("x" in call for call in strip) and sum("grad_y" in call for call in strip) == backward_launches
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs its own functions, not compiled kernels")
@@ -270,11 +283,12 @@ def test_direct_launch_of_another_interface_falls_back_to_triton(monkeypatch, ca
     monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", True)
     with simulated_cuda_launches(record), caplog.at_level(logging.WARNING, logger="evonorm.triton_kernels"):
         layer(x).backward(grad_y)  # compiles: every launch through kernel[grid]
+        launches = len(record)
         monkeypatch.setattr(triton_kernels, "knobs", SimpleNamespace(runtime=SimpleNamespace(debug=False),
                                                                     compilation=SimpleNamespace()))
         for _ in range(2):
             layer(x).backward(grad_y)
-    assert len(record) == 12 and not triton_kernels.DIRECT_LAUNCH and not fused._triton_state["failed"]
+    assert len(record) == 3 * launches and not triton_kernels.DIRECT_LAUNCH and not fused._triton_state["failed"]
     assert caplog.text.count("direct Triton launches failed") == 1
 
 
@@ -290,6 +304,12 @@ CUDA_BUILDS = [
     ("_sample_sums_kernel", {"HAS_V": False}, "fp32"),
     ("_sample_grad_x_kernel", {"HAS_V": True, "CENTERED": True}, "fp32"),
     ("_sample_grad_x_kernel", {"HAS_V": False, "CENTERED": False}, "bf16"),
+    ("_batch_forward_set_kernel", {"VARIANT": 0, "TRAINING": True}, "bf16"),
+    ("_batch_forward_set_kernel", {"VARIANT": 2, "TRAINING": False}, "fp32"),
+    ("_batch_backward_set_kernel", {"VARIANT": 1, "TRAINING": True}, "fp32"),
+    ("_batch_backward_set_kernel", {"VARIANT": 0, "TRAINING": False}, "bf16"),
+    ("_sample_forward_set_kernel", {"HAS_V": True, "CENTERED": True}, "fp32"),
+    ("_sample_forward_set_kernel", {"HAS_V": False, "CENTERED": False}, "bf16"),
 ]
 
 
@@ -309,11 +329,14 @@ def test_kernels_compile_for_cuda():
     for name, constexprs, dtype in CUDA_BUILDS:
         kernel = getattr(triton_kernels, name)
         params = list(kernel.signature.parameters)
-        constexprs = {**constexprs, **{k: v for k, v in blocks.items() if k in params}}
+        whole_set = name.endswith("_set_kernel")  # as for a 64 x 64 set: the largest tile, eight warps
+        sizes = {**blocks, "BLOCK_M": 64} if whole_set else blocks
+        constexprs = {**constexprs, **{k: v for k, v in sizes.items() if k in params}}
         signature = {p: "constexpr" if p in constexprs else "*fp32" if p in pointers else f"*{dtype}"
                      if p in tensors else "fp32" if p in ("eps", "momentum") else "i32" for p in params}
         try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": 8} if whole_set else None)
         except RuntimeError as err:
             if "ptxas" in str(err) and "not found" in str(err):
                 pytest.skip(f"no ptxas for the CUDA backend: {err}")

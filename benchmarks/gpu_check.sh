@@ -32,8 +32,9 @@ step() {  # [STEP_LIMIT=s] step NAME COMMAND...: run if selected, with the time 
 }
 
 step env python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-# the CUDA cases only (the CPU and Triton-interpreter cases run in CI)
-step tests python -m pytest tests/test_triton_kernels.py tests/test_op_count.py tests/test_fast_layers.py \
+# the CUDA cases only (the CPU and Triton-interpreter cases run in CI); each kernel test runs with whole row sets
+# and in tiles
+STEP_LIMIT=300 step tests python -m pytest tests/test_triton_kernels.py tests/test_op_count.py tests/test_fast_layers.py \
     tests/test_layers.py -q -p no:cacheprovider -rs -k "cuda and not interp"
 step layers python benchmarks/layers.py --device cuda --shapes gpu --layers bn_relu,b0,s0 --budget 4 \
     --json "$out/layers-cuda.json"

@@ -120,7 +120,7 @@ class _Plan(NamedTuple):
     set_grid: tuple[int]
     set_block_m: int
     set_block_l: int
-    set_warps: int
+    set_warps: int  # 8 elements per thread, at least 4 warps: the B-series backward then needs <= 128 registers
 
 
 @functools.lru_cache(maxsize=1024)
@@ -138,7 +138,7 @@ def _plan(shape: torch.Size, groups: int | None) -> _Plan:
                  (_cdiv(n * c, block_r),), block_r, row_block_l,
                  (sets * _cdiv(members, block_m) * _cdiv(length, block_l),), block_m, block_l,
                  _reduce_block(n, 1 if groups is None else block_m), _reduce_block(members),
-                 whole_sets, (sets,), set_block_m, set_block_l, 8 if set_block_m * set_block_l > SET_TILE else 4)
+                 whole_sets, (sets,), set_block_m, set_block_l, max(4, min(16, set_block_m * set_block_l // 256)))
 
 
 def _reduce_block(count: int, width: int = 1) -> int:

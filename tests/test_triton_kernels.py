@@ -207,7 +207,7 @@ def _launch_labels(record, known):
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs its own functions, not compiled kernels")
 @pytest.mark.parametrize("shape", [(4, 16, 3, 5), (64, 16, 7, 7), (2, 16, 40, 40)],
-                         ids=["whole_sets", "whole_sets_8_warps", "tiles"])
+                         ids=["whole_sets", "whole_sets_16_warps", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name, training", CASES)
 def test_direct_launches_pass_what_triton_passes(name, training, dtype, shape):
@@ -329,14 +329,14 @@ def test_kernels_compile_for_cuda():
     for name, constexprs, dtype in CUDA_BUILDS:
         kernel = getattr(triton_kernels, name)
         params = list(kernel.signature.parameters)
-        whole_set = name.endswith("_set_kernel")  # as for a 64 x 64 set: the largest tile, eight warps
+        whole_set = name.endswith("_set_kernel")  # as for a 64 x 64 set: the largest tile, 16 warps
         sizes = {**blocks, "BLOCK_M": 64} if whole_set else blocks
         constexprs = {**constexprs, **{k: v for k, v in sizes.items() if k in params}}
         signature = {p: "constexpr" if p in constexprs else "*fp32" if p in pointers else f"*{dtype}"
                      if p in tensors else "fp32" if p in ("eps", "momentum") else "i32" for p in params}
         try:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": 8} if whole_set else None)
+                                      options={"num_warps": 16} if whole_set else None)
         except RuntimeError as err:
             if "ptxas" in str(err) and "not found" in str(err):
                 pytest.skip(f"no ptxas for the CUDA backend: {err}")

@@ -15,9 +15,9 @@ element-wise parts in backward and use analytic gradients (derived in the ``*_co
     costs more than the arithmetic done in it, per-(n, c) sums of products come from the batch-norm backward
     reduction (no product tensor) and branch masks use ``threshold_backward`` (boolean masks are slow).
 - CUDA (float32, float16 and bfloat16 inputs): the whole layer call is a few Triton launches
-  (``evonorm.triton_kernels``, imported on first use; two forward, two backward) that also do the small per-(n, c),
-  per-group and per-channel algebra and the running-variance update, reading and writing half tensors directly,
-  unless compilation is "off".
+  (``evonorm.triton_kernels``, imported on first use; two forward, two backward, fewer on small maps) that also do
+  the small per-(n, c), per-group and per-channel algebra and the running-variance update, reading and writing half
+  tensors directly, unless compilation is "off".
   ``set_compile`` / ``EVONORM_COMPILE`` choose (``COMPILE_MODES``); a failed compilation or Triton launch (or a
   missing triton) warns once and falls back to the eager stages (a backward whose forward ran on Triton takes its
   statistics from the Triton workspace).

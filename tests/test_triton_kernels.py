@@ -210,7 +210,7 @@ def _launch_labels(record, known):
                          ids=["whole_sets", "whole_sets_16_warps", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name, training", CASES)
-def test_direct_launches_pass_what_triton_passes(name, training, dtype, shape):
+def test_direct_launches_pass_what_triton_passes(name, training, dtype, shape, monkeypatch):
     """Once a kernel is compiled, _launch calls it directly: with the grid, stream, kernel, launch hooks and
     parameters in the order that Triton's own launch (kernel[grid]) passes them, on every launch of a forward +
     backward (a stand-in CUDA driver records the launcher calls; this checks the installed Triton)."""
@@ -225,15 +225,12 @@ def test_direct_launches_pass_what_triton_passes(name, training, dtype, shape):
     calls = {}
     for direct in (False, True):  # through Triton; then direct, from the second call on
         record = []
+        monkeypatch.setattr(triton_kernels, "DIRECT_LAUNCH", direct)
         with simulated_cuda_launches(record):
-            triton_kernels.DIRECT_LAUNCH = direct
-            try:
-                layer(x).backward(grad_y)  # x is contiguous: the kernels get x itself
-                if direct:
-                    record.clear()
-                    layer(x).backward(grad_y)
-            finally:
-                triton_kernels.DIRECT_LAUNCH = True
+            layer(x).backward(grad_y)  # x is contiguous: the kernels get x itself
+            if direct:
+                record.clear()
+                layer(x).backward(grad_y)
             compiled_keys = len(triton_kernels._compiled)
         calls[direct] = record
         assert compiled_keys == (len(record) if direct else 0)

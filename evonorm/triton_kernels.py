@@ -485,11 +485,9 @@ def _batch_stat_coefficients(mean, beta, q_inst, q_inst_x, q_batch_total, batch_
 
 
 @triton.jit
-def _batch_grad_x(x, gy, mean, alpha, beta, bstd, w, k1, k0):
+def _batch_grad_x(x, gy, mean, a, inv_r, q_inst, scale, k1, k0):
     """grad_x = (gy / r - a q_inst) scale + k1 (x - mean) + k0."""
-    a = alpha / bstd
-    _, _, q_inst, _, inv_r = _batch_terms(x, gy, a, beta / bstd)
-    return (gy * inv_r - a[:, None] * q_inst) * (w / bstd) + k1[:, None] * (x - mean[:, None]) + k0[:, None]
+    return (gy * inv_r - a[:, None] * q_inst) * scale + k1[:, None] * (x - mean[:, None]) + k0[:, None]
 
 
 @triton.jit
@@ -520,7 +518,9 @@ def _batch_grad_x_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C, L, e
                                       batch_mean, w_ss, bstd, N, L, VARIANT, TRAINING)
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     gy = tl.load(gy_ptr + offs, mask=mask).to(tl.float32)
-    gx = _batch_grad_x(x, gy, mean, alpha, beta, bstd, w, k1, k0)
+    a = alpha / bstd
+    _, _, q_inst, _, inv_r = _batch_terms(x, gy, a, beta / bstd)
+    gx = _batch_grad_x(x, gy, mean, a, inv_r, q_inst, w / bstd, k1, k0)
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
     if first:
         q_inst_x_total = _sum_strided(sums_ptr + 4 * R, c, C, N, BLOCK_N) if VARIANT == 0 else 0.0
@@ -542,15 +542,16 @@ def _batch_backward_set_kernel(gx_ptr, x_ptr, gy_ptr, ws_ptr, w_ptr, v_ptr, N, C
     w_ss = w / (bstd * bstd)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 outside the set: adds nothing
-    gy_t, q_batch, q_inst, q_inst_x, _ = _batch_terms(x, gy, alpha / bstd, beta / bstd)
-    q_inst_x = tl.sum(q_inst_x, axis=1)
+    a = alpha / bstd
+    gy_t, q_batch, q_inst, q_inst_x, inv_r = _batch_terms(x, gy, a, beta / bstd)
+    row_q_inst_x = tl.sum(q_inst_x, axis=1)
     q_batch_total = tl.sum(tl.sum(q_batch, axis=1), axis=0)
-    k1, k0 = _batch_stat_coefficients(mean, beta, tl.sum(q_inst, axis=1), q_inst_x, q_batch_total,
+    k1, k0 = _batch_stat_coefficients(mean, beta, tl.sum(q_inst, axis=1), row_q_inst_x, q_batch_total,
                                       tl.sum(mean, axis=0) / N, w_ss, bstd, N, L, VARIANT, TRAINING)
-    gx = _batch_grad_x(x, gy, mean, alpha, beta, bstd, w, k1, k0)
+    gx = _batch_grad_x(x, gy, mean, a, inv_r, q_inst, w / bstd, k1, k0)
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
     _batch_parameter_grads(ws_ptr, C, c, tl.sum(tl.sum(gy_t, axis=1), axis=0), tl.sum(tl.sum(gy, axis=1), axis=0),
-                           tl.sum(q_inst_x, axis=0), bstd, w_ss, VARIANT)
+                           tl.sum(row_q_inst_x, axis=0), bstd, w_ss, VARIANT)
 
 
 def batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, momentum: float, training: bool):

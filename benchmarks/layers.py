@@ -3,15 +3,15 @@
 All layers of one shape run in one process, interleaved (one call of each layer per round), so load from other
 processes hits them alike: compare the ratios, not the absolute times, across runs. Layers: every name of
 ``evonorm.NORM_ACT_NAMES`` (EvoNorms as ``impl="fast"`` under the torch.compile policy ``--compile``, as
-"fast-eager" with compilation off, and as ``impl="reference"``) and timm's EvoNorm2d* when timm is installed, all in
-training mode. "fwd" is a training forward (autograd graph recorded), "fwd+bwd" adds the backward of a fixed random
-output gradient; times are medians over the rounds, each call timed with the host waiting for the device, so on a
-GPU they include the host's time per call (Python, launches). On CUDA two more fwd+bwd times: "stream", calls issued
-back to back without waiting, as a training loop issues them (CUDA events around STREAM_CALLS calls, per call: the
-longer of the host's and the device's time per call), with "host" the host's time per call in that loop; and "graph",
-the device time alone (replays of a CUDA graph of the call), for the baseline and the fast EvoNorms. "saved" is the
-bytes of the distinct tensor storages autograd keeps for backward (parameters and buffers excluded) divided by the
-input's bytes.
+"fast-eager" with compilation off, on CPU as "fast-compiled" with compilation on, and as ``impl="reference"``) and
+timm's EvoNorm2d* when timm is installed, all in training mode. "fwd" is a training forward (autograd graph
+recorded), "fwd+bwd" adds the backward of a fixed random output gradient; times are medians over the rounds, each
+call timed with the host waiting for the device, so on a GPU they include the host's time per call (Python,
+launches). On CUDA two more fwd+bwd times: "stream", calls issued back to back without waiting, as a training loop
+issues them (CUDA events around STREAM_CALLS calls, per call: the longer of the host's and the device's time per
+call), with "host" the host's time per call in that loop; and "graph", the device time alone (replays of a CUDA
+graph of the call), for the baseline and the fast EvoNorms. "saved" is the bytes of the distinct tensor storages
+autograd keeps for backward (parameters and buffers excluded) divided by the input's bytes.
 
 On Linux the benchmark stops glibc from handing freed memory back to the OS (``mallopt``; ``--malloc-trim`` keeps
 the default): otherwise a loop over one layer pays page faults for all its buffers again each iteration, and which
@@ -88,12 +88,17 @@ def parse_shapes(spec: str) -> list[tuple[int, ...]]:
     return shapes
 
 
-def layer_cases(names: list[str]) -> list[tuple[str, str]]:
-    """(name, impl) pairs: "fast"/"fast-eager"/"reference" for our EvoNorms, "torch" for baselines, "timm"."""
+CASE_COMPILE = {"fast-eager": "off", "fast-compiled": "on"}  # the other cases run under --compile
+
+
+def layer_cases(names: list[str], compiled: bool = False) -> list[tuple[str, str]]:
+    """(name, impl) pairs: "fast"/"fast-eager"/"reference" (and "fast-compiled" if ``compiled``) for our EvoNorms,
+    "torch" for baselines, "timm"."""
     cases = []
     for name in names:
         if name in EVONORM_NAMES:
-            cases += [(name, "fast"), (name, "fast-eager"), (name, "reference")]
+            cases += [(name, "fast"), (name, "fast-eager")] + [(name, "fast-compiled")] * compiled + [
+                (name, "reference")]
             if timm is not None:
                 cases.append((name, "timm"))
         else:
@@ -107,7 +112,7 @@ def build(name: str, impl: str, channels: int, device: torch.device) -> torch.nn
     elif impl == "torch":
         layer = evonorm.norm_act(name, channels)
     else:
-        layer = evonorm.norm_act(name, channels, impl=impl.removesuffix("-eager"))
+        layer = evonorm.norm_act(name, channels, impl=impl.split("-")[0])
     return layer.to(device).train()
 
 
@@ -199,7 +204,7 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
     layers, rows = {}, {}
 
     def select_compile(case):
-        fused.set_compile("off" if case[1] == "fast-eager" else compile_mode)
+        fused.set_compile(CASE_COMPILE.get(case[1], compile_mode))
 
     for case in cases:
         try:
@@ -275,7 +280,7 @@ def profile_shape(shape, cases, device, compile_mode, dtype, calls=5):
     for name, impl in cases:
         if impl in ("reference", "timm"):
             continue
-        fused.set_compile("off" if impl == "fast-eager" else compile_mode)
+        fused.set_compile(CASE_COMPILE.get(impl, compile_mode))
         layer = build(name, impl, shape[1], device)
         layer(x).backward(grad)  # warm-up: compilation stays out of the profile
         with profile(activities=activities) as prof:
@@ -294,10 +299,10 @@ def print_table(results):
     """fwd / fwd+bwd: wall time of a call with the host waiting for the device after it; stream (with the host's
     time per call) and graph: fwd+bwd issued back to back, and the device time from CUDA-graph replays (CUDA only)."""
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-    print(f"{'layer':8} {'impl':10} {'shape':>15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x bn_relu':>9} "
+    print(f"{'layer':8} {'impl':13} {'shape':>15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x bn_relu':>9} "
           f"{'stream ms':>9} {'x':>6} {'host ms':>8} {'graph ms':>9} {'x':>6} {'saved/in':>8}")
     for r in results:
-        print(f"{r['layer']:8} {r['impl']:10} {'x'.join(map(str, r['shape'])):>15} {r['fwd_ms']:9.2f} "
+        print(f"{r['layer']:8} {r['impl']:13} {'x'.join(map(str, r['shape'])):>15} {r['fwd_ms']:9.2f} "
               f"{r['fwd_bwd_ms']:11.2f} {fmt(r['fwd_bwd_ratio'], '.2f'):>9} "
               f"{fmt(r['stream_fwd_bwd_ms'], '.3f'):>9} {fmt(r['stream_fwd_bwd_ratio'], '.2f'):>6} "
               f"{fmt(r['host_fwd_bwd_ms'], '.3f'):>8} "
@@ -338,7 +343,9 @@ def main(argv=None):
     unknown = set(names) - set(evonorm.NORM_ACT_NAMES)
     if unknown:
         raise SystemExit(f"unknown layers {sorted(unknown)}; valid: {', '.join(evonorm.NORM_ACT_NAMES)}")
-    cases = layer_cases([BASELINE[0]] + [n for n in names if n != BASELINE[0]])
+    # compiled rows on CPU (on CUDA "on" is the Triton path of "fast"); --quick skips them: each compiles for seconds
+    cases = layer_cases([BASELINE[0]] + [n for n in names if n != BASELINE[0]],
+                        compiled=device.type == "cpu" and not args.quick)
 
     results = []
     for shape in parse_shapes(args.shapes):

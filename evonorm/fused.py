@@ -14,6 +14,8 @@ element-wise parts in backward and use analytic gradients (derived in the ``*_co
   * ``*_eager``: one ATen kernel per step, in place in at most two temporaries. On CPU a fresh input-sized buffer
     costs more than the arithmetic done in it, per-(n, c) sums of products come from the batch-norm backward
     reduction (no product tensor) and branch masks use ``threshold_backward`` (boolean masks are slow).
+- CPU float32 inputs: one C++ call per forward and per backward (``evonorm.cpu_kernels``, built on first use), the
+  same formulas with the per-(n, c) algebra between two vectorized passes; the eager stages where the build fails.
 - CUDA (float32, float16 and bfloat16 inputs): the whole layer call is a few Triton launches
   (``evonorm.triton_kernels``, imported on first use; two forward, two backward, fewer on small maps) that also do
   the small per-(n, c), per-group and per-channel algebra and the running-variance update, reading and writing half
@@ -40,14 +42,16 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 BATCH_VARIANTS = ("b0", "b1", "b2")
-# auto: compile for float32 CPU inputs of at least COMPILE_MIN_NUMEL elements (a compile costs seconds once per
-# process and stage, so tests and small maps stay eager); on: always (any device, float32); off: never. Float32 CUDA
-# inputs take the Triton stages instead unless the mode is off (so "off" benchmarks the eager stages there too).
+# auto: the fused C++ kernels for float32 CPU inputs; where they cannot be built, compile the stages for inputs of
+# at least COMPILE_MIN_NUMEL elements (a compile costs seconds once per process and stage, so tests and small maps
+# stay eager); on: compile always (any device, float32); off: never. CUDA inputs take the Triton stages instead
+# unless the mode is off ("off" benchmarks the eager stages on every device).
 COMPILE_MODES = ("auto", "on", "off")
 COMPILE_MIN_NUMEL = 1 << 20
 _compile_state: dict = {"mode": os.environ.get("EVONORM_COMPILE", "auto"), "failed": False, "kernels": {}}
 # force: Triton stages for CPU tensors too, for tests under the Triton interpreter (TRITON_INTERPRET=1).
 _triton_state: dict = {"failed": False, "force": False}
+_cpu_state: dict = {"failed": False}
 
 
 def set_compile(mode: str) -> None:
@@ -71,6 +75,13 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if _compile_mode() == "off" or torch.compiler.is_compiling() or _triton_state["failed"]:
         return False  # inside a user's torch.compile the plain stages are traced instead
     return x.dtype in TRITON_DTYPES and weight.dtype in TRITON_DTYPES and (x.is_cuda or _triton_state["force"])
+
+
+def _use_cpu_kernels(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """The fused C++ kernels (evonorm.cpu_kernels): float32 CPU inputs and parameters under "auto"."""
+    if _compile_mode() != "auto" or torch.compiler.is_compiling() or _cpu_state["failed"] or x.device.type != "cpu":
+        return False
+    return all(t is None or t.dtype == torch.float32 for t in (x, *params))
 
 
 def _use_compiled(x: torch.Tensor) -> bool:
@@ -109,6 +120,20 @@ def _run_triton(name: str, *args):
         log.warning("evonorm: Triton stages failed, using the eager kernels from now on (%s: %s)",
                     type(err).__name__, err)
         _triton_state["failed"] = True
+        return None
+
+
+def _run_cpu(name: str, *args):
+    """torch.ops.evonorm_cpu.<name>(*args); None when the build failed (now or before)."""
+    if _cpu_state["failed"]:
+        return None
+    try:
+        from . import cpu_kernels
+        return getattr(cpu_kernels.ops(), name)(*args)
+    except Exception as err:  # no C++ compiler or ninja, build error, ...
+        log.warning("evonorm: the fused CPU kernels are unavailable, using the eager kernels from now on (%s: %s)",
+                    type(err).__name__, err)
+        _cpu_state["failed"] = True
         return None
 
 
@@ -285,7 +310,13 @@ def update_running_var(running_var: torch.Tensor, batch_var: torch.Tensor, momen
 
 
 def _batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, momentum: float, training: bool):
-    """Eager or compiled stages: (y, saved statistics (mean, var, batch_std)); updates the running variance."""
+    """Fused CPU kernels, eager or compiled stages: (y, saved statistics (mean, var, batch_std)); updates the running
+    variance."""
+    if _use_cpu_kernels(x, weight, bias, v, running_var):
+        out = _run_cpu("batch_forward", x.contiguous(), weight, bias, v, running_var, BATCH_VARIANTS.index(variant),
+                       eps, momentum, training)
+        if out is not None:
+            return out[0], out[1:]
     f = stats_dtype(x)
     xs = x.contiguous().to(f)
     # eps 0: var = rstd^-2 recovers the variance exactly (a zero variance gives rstd inf, var 0).
@@ -303,8 +334,13 @@ def _batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, mo
 
 
 def _batch_backward(x, grad_y, weight, v, stats, variant: str, eps: float, training: bool):
-    """Eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
+    """Fused CPU kernels, eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
     mean, var, batch_std = stats
+    if _use_cpu_kernels(x, grad_y, weight, v, mean):
+        grads = _run_cpu("batch_backward", x.contiguous(), grad_y.contiguous(), weight, v, mean, var, batch_std,
+                         BATCH_VARIANTS.index(variant), eps, training)
+        if grads is not None:
+            return (*grads[:3], None if v is None else grads[3])
     f = mean.dtype
     xs = x.contiguous().to(f)
     w = weight.to(f)
@@ -455,7 +491,12 @@ def _sample_backward_eager(x, gy, v, scale, coefficients):
 
 
 def _sample_forward(x, weight, bias, v, groups: int, eps: float, centered: bool):
-    """Eager or compiled stages: (y, saved statistics (mean or None, rstd) per (n, group))."""
+    """Fused CPU kernels, eager or compiled stages: (y, saved statistics (mean or None, rstd) per (n, group))."""
+    if _use_cpu_kernels(x, weight, bias, v):
+        out = _run_cpu("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
+        if out is not None:
+            y, mean, rstd = out
+            return y, (mean if centered else None, rstd)
     f = stats_dtype(x)
     xs = x.contiguous().to(f)
     if centered:
@@ -470,8 +511,12 @@ def _sample_forward(x, weight, bias, v, groups: int, eps: float, centered: bool)
 
 
 def _sample_backward(x, grad_y, weight, v, stats):
-    """Eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
+    """Fused CPU kernels, eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
     mean, rstd = stats
+    if _use_cpu_kernels(x, grad_y, weight, v, rstd):
+        grads = _run_cpu("sample_backward", x.contiguous(), grad_y.contiguous(), weight, v, mean, rstd, rstd.shape[1])
+        if grads is not None:
+            return (*grads[:3], None if v is None else grads[3])
     f = rstd.dtype
     xs = x.contiguous().to(f)
     w = weight.to(f)

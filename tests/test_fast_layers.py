@@ -1,8 +1,9 @@
 """impl="fast" EvoNorms (evonorm.fused): analytic gradients, agreement with impl="reference", memory saved for
 backward, half precision, edge cases, the torch.compile policy, and a smoke run of benchmarks/layers.py.
 
-The element-wise stages exist as eager kernels and as plain formulas for torch.compile; the ``stages`` fixture runs
-each test on both (the plain ones uncompiled: compiling costs seconds per kernel; one test compiles them all).
+On CPU a layer call runs the fused C++ kernels (float32), the eager kernels, or the plain formulas for
+torch.compile; the ``stages`` fixture runs each test on all three (the plain ones uncompiled: compiling costs seconds
+per kernel; one test compiles them all). float64 and half inputs never take the C++ kernels.
 """
 import copy
 import json
@@ -35,14 +36,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["eager", "plain"])
+@pytest.fixture(params=["kernels", "eager", "plain"])
 def stages(request, monkeypatch):
+    monkeypatch.setitem(fused._compile_state, "mode", "auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", False)
     if request.param == "plain":
         monkeypatch.setattr(fused, "_use_compiled", lambda x: True)
         monkeypatch.setattr(fused, "_run_compiled", lambda stage, *args: stage(*args))
     else:
         monkeypatch.setattr(fused, "_use_compiled", lambda x: False)
-    return request.param
+    if request.param != "kernels":
+        monkeypatch.setattr(fused, "_use_cpu_kernels", lambda x, *params: False)
+    yield request.param
+    assert not fused._cpu_state["failed"], "the fused CPU kernels failed to build or run (see the warning)"
+
+
+# for inputs the C++ kernels never take (float64, half), where a "kernels" run would repeat the eager one
+EAGER_AND_PLAIN = pytest.mark.parametrize("stages", ["eager", "plain"], indirect=True)
 
 
 def make_pair(name, channels, training=True, dtype=torch.float32, seed=0, **kwargs):
@@ -98,6 +108,7 @@ def saved_ratio(layer, x):
     return sum(saved.values()) / (x.numel() * x.element_size())
 
 
+@EAGER_AND_PLAIN
 @pytest.mark.parametrize("shape", [(3, 6, 5, 4), (2, 40, 2, 3)])
 @pytest.mark.parametrize("name, training", CASES)
 def test_gradcheck_float64(name, training, shape, stages):
@@ -139,6 +150,7 @@ def test_saves_about_the_input_only(name):
     assert saved_ratio(evonorm.norm_act("bn_relu", 64), x) == pytest.approx(2.0, abs=0.01)
 
 
+@EAGER_AND_PLAIN
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", EVONORMS)
 def test_half_inputs_keep_dtype_and_stay_finite(name, dtype, stages):
@@ -238,6 +250,85 @@ def test_compile_policy(monkeypatch):
     monkeypatch.setitem(fused._compile_state, "mode", "sometimes")  # e.g. from EVONORM_COMPILE
     with pytest.raises(ValueError, match="EVONORM_COMPILE"):
         fused._use_compiled(small)
+
+
+def test_cpu_kernel_policy(monkeypatch):
+    monkeypatch.setitem(fused._compile_state, "mode", "auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", False)
+    x, weight = torch.zeros(2, 8, 4, 4), torch.ones(8)
+    assert fused._use_cpu_kernels(x, weight, None)
+    assert not fused._use_cpu_kernels(x.double(), weight.double())
+    assert not fused._use_cpu_kernels(x.bfloat16(), weight) and not fused._use_cpu_kernels(x, weight.half())
+    for mode in ("on", "off"):  # on: the compiled stages; off: the eager ones
+        fused.set_compile(mode)
+        assert not fused._use_cpu_kernels(x, weight)
+    fused.set_compile("auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", True)
+    assert not fused._use_cpu_kernels(x, weight)
+
+
+def cpu_ops(fn) -> list[str]:
+    """Names of the operators fn() dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.names
+
+
+@pytest.mark.parametrize("name", EVONORMS)
+def test_cpu_kernels_are_one_call_per_direction(name, monkeypatch):
+    """The fixed cost per layer call: one kernel call per direction and nothing else but the gradients' detaches
+    (BN-ReLU: 11 operators; the eager stages: 40-110)."""
+    monkeypatch.setitem(fused._compile_state, "mode", "auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", False)
+    fast, _ = make_pair(name, 16)
+    x = sample((4, 16, 5, 3)).requires_grad_()
+    grad_y = torch.ones_like(x)
+    names = cpu_ops(lambda: fast(x).backward(grad_y))
+    series = "batch" if name[0] == "b" else "sample"
+    kernels = [n for n in names if n.startswith("evonorm_cpu.")]
+    assert kernels == [f"evonorm_cpu.{series}_forward", f"evonorm_cpu.{series}_backward"]
+    assert set(names) - set(kernels) == {"aten.detach"}, names
+
+
+def test_cpu_kernels_in_threads_match_reference(monkeypatch):
+    """Rows split across threads (kGrain elements per thread): the fixture's single thread would not show it."""
+    monkeypatch.setitem(fused._compile_state, "mode", "auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", False)
+    torch.set_num_threads(2)
+    shape = (4, 64, 32, 32)  # 256 rows of 1024: several chunks
+    for name, training in CASES:
+        fast, ref = make_pair(name, shape[1], training)
+        x, grad_y = sample(shape), sample(shape, seed=2)
+        for got, want in zip(run(fast, x, grad_y), run(ref, x, grad_y)):
+            assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert not fused._cpu_state["failed"]
+
+
+def test_failed_cpu_kernel_build_falls_back_to_eager(monkeypatch, caplog):
+    from evonorm import cpu_kernels
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "ops", no_compiler)
+    monkeypatch.setitem(fused._compile_state, "mode", "auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", False)
+    x, grad_y = sample((4, 16, 5, 5)), sample((4, 16, 5, 5), seed=2)
+    with caplog.at_level(logging.WARNING, logger="evonorm.fused"):
+        for name in ("b0", "s0"):
+            fast, ref = make_pair(name, 16)
+            for a, b in zip(run(fast, x, grad_y), run(ref, x, grad_y)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fused._cpu_state["failed"] and caplog.text.count("fused CPU kernels are unavailable") == 1
 
 
 def test_failed_compile_falls_back_to_eager(monkeypatch, caplog):

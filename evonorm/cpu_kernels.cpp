@@ -1,0 +1,358 @@
+// Fused float32 CPU kernels of the fast EvoNorms: each forward and backward is one call doing two passes over the
+// input (statistics, then output; sums, then input gradient) with the small per-(n, c), per-group and per-channel
+// algebra in between, instead of ~40-110 ATen calls. Same formulas and evaluation order as the eager stages of
+// evonorm/fused.py (which documents the derivations); sums accumulate in double like ATen's CPU reductions.
+// Built by evonorm/cpu_kernels.py; registered as torch.ops.evonorm_cpu.*.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kGrain = 1 << 15;  // elements per thread at least: smaller maps run on one thread
+
+// exp for |x| <= 88.37 (clamped; NaN passes through), a few ulp: Cephes' expf, branch-free so that the loops that
+// call it vectorize (libm's expf does not).
+inline float exp_approx(float x) {
+  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  x = x < -88.3762626647949f ? -88.3762626647949f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+inline float sigmoid(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
+
+// Mean and biased variance of p[0:len], exact two-pass in double.
+inline void moments(const float* p, int64_t len, float& mean, float& var) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += p[i];
+  const double m = s / len;
+  double ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < len; ++i) {
+    const double d = p[i] - m;
+    ss += d * d;
+  }
+  mean = static_cast<float>(m);
+  var = static_cast<float>(ss / len);
+}
+
+// Rows in parallel, at least kGrain elements per thread.
+template <typename F>
+void for_rows(int64_t rows, int64_t len, const F& f) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) f(row);
+  });
+}
+
+void check(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() >= 2,
+              "evonorm_cpu: ", name, " must be a contiguous float32 CPU tensor of at least 2 dimensions");
+}
+
+// A small operand (parameter or statistics) of numel float32 elements, contiguous.
+Tensor small(const Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == numel, "evonorm_cpu: ", name,
+              " must be a float32 CPU tensor of ", numel, " elements");
+  return t.contiguous();
+}
+
+Tensor small(const std::optional<Tensor>& t, int64_t numel, const char* name) {
+  return t ? small(*t, numel, name) : Tensor();
+}
+
+const float* data(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// B-series. Per (n, c): instance term alpha * x + beta; a = alpha / batch_std, b = beta / batch_std,
+// scale = weight / batch_std; r = max(a x + b, 1); y = x / r * scale + bias. variant: 0 b0, 1 b1, 2 b2.
+
+struct BatchRow {
+  float alpha, beta;
+};
+
+inline BatchRow instance_term(int64_t variant, float mean, float var, float v, float eps) {
+  if (variant == 0) return {v, std::sqrt(var + eps)};
+  const float rms = std::sqrt(var + mean * mean + eps);
+  return {variant == 1 ? rms : -1.0f, rms};
+}
+
+// torch.lerp's formula (exact against update_running_var of the eager stages).
+inline float lerp(float start, float end, float weight) {
+  const float diff = end - start;
+  return std::abs(weight) < 0.5f ? start + weight * diff : end - diff * (1 - weight);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                         const std::optional<Tensor>& v, const Tensor& running_var,
+                                                         int64_t variant, double eps, double momentum,
+                                                         bool training) {
+  check(x, "x");
+  const int64_t n = x.size(0), c = x.size(1), len = x.numel() / std::max<int64_t>(n * c, 1);
+  const Tensor w = small(weight, c, "weight"), sh = small(bias, c, "bias"), vv = small(v, c, "v");
+  const float *pw = data(w), *pb = data(sh), *pvv = data(vv);
+  small(running_var, c, "running_var");
+  TORCH_CHECK(running_var.is_contiguous(), "evonorm_cpu: running_var must be contiguous (it is updated in place)");
+  float* prv = running_var.data_ptr<float>();
+  auto y = at::empty_like(x);
+  auto mean = at::empty({n, c}, x.options()), var = at::empty({n, c}, x.options());
+  auto batch_std = at::empty({c}, x.options());
+  const float* px = x.data_ptr<float>();
+  float *pm = mean.data_ptr<float>(), *pv = var.data_ptr<float>(), *pbs = batch_std.data_ptr<float>();
+  for_rows(n * c, len, [&](int64_t row) { moments(px + row * len, len, pm[row], pv[row]); });
+
+  const float feps = static_cast<float>(eps);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    float batch_var = prv[ch];
+    if (training) {  // over (N, H, W): mean of the (n, c) variances + variance of the (n, c) means
+      float mean_of_means = 0, mean_of_vars = 0, spread = 0;
+      for (int64_t i = 0; i < n; ++i) mean_of_means += pm[i * c + ch], mean_of_vars += pv[i * c + ch];
+      mean_of_means /= n, mean_of_vars /= n;
+      for (int64_t i = 0; i < n; ++i) spread += (pm[i * c + ch] - mean_of_means) * (pm[i * c + ch] - mean_of_means);
+      batch_var = mean_of_vars + spread / n;
+      if (std::isfinite(batch_var)) prv[ch] = lerp(prv[ch], batch_var, static_cast<float>(momentum));
+    }
+    pbs[ch] = std::sqrt(batch_var + feps);
+  }
+
+  float* py = y.data_ptr<float>();
+  for_rows(n * c, len, [&](int64_t row) {
+    const int64_t ch = row % c;
+    const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
+    const float a = t.alpha / pbs[ch], b = t.beta / pbs[ch], scale = pw[ch] / pbs[ch], shift = pb[ch];
+    const float* xr = px + row * len;
+    float* yr = py + row * len;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      float r = xr[i] * a + b;
+      r = 1.0f > r ? 1.0f : r;  // clamp_min(r, 1), NaN kept
+      yr[i] = xr[i] / r * scale + shift;
+    }
+  });
+  return {y, mean, var, batch_std};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const Tensor& grad_y, const Tensor& weight,
+                                                          const std::optional<Tensor>& v, const Tensor& mean,
+                                                          const Tensor& var, const Tensor& batch_std, int64_t variant,
+                                                          double eps, bool training) {
+  check(x, "x");
+  check(grad_y, "grad_y");
+  const int64_t n = x.size(0), c = x.size(1), len = x.numel() / std::max<int64_t>(n * c, 1), rows = n * c;
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "evonorm_cpu: grad_y must have the shape of x");
+  const Tensor w = small(weight, c, "weight"), vv = small(v, c, "v"), m = small(mean, rows, "mean");
+  const Tensor vr = small(var, rows, "var"), bs = small(batch_std, c, "batch_std");
+  const float *px = x.data_ptr<float>(), *pg = grad_y.data_ptr<float>(), *pw = data(w), *pvv = data(vv);
+  const float *pm = data(m), *pv = data(vr), *pbs = data(bs);
+  const float feps = static_cast<float>(eps);
+  // Per (n, c): a, b and the sums over (H, W) of gy, gy t, q, q_inst, q_inst x (t = x / r, q = gy t / r,
+  // q_inst = q on the instance branch r > 1).
+  std::vector<float> a(rows), b(rows), sum_gy(rows), dot_gy_t(rows), dot_all(rows), sum_inst(rows), dot_inst_x(rows);
+  for_rows(rows, len, [&](int64_t row) {
+    const int64_t ch = row % c;
+    const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
+    const float ar = t.alpha / pbs[ch], br = t.beta / pbs[ch];
+    const float *xr = px + row * len, *gr = pg + row * len;
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4)
+    for (int64_t i = 0; i < len; ++i) {
+      float r = xr[i] * ar + br;
+      r = 1.0f > r ? 1.0f : r;
+      const float tt = xr[i] / r, q = gr[i] * (tt / r), q_inst = r > 1.0f ? q : 0.0f;
+      s0 += gr[i], s1 += gr[i] * tt, s2 += q, s3 += q_inst, s4 += q_inst * xr[i];
+    }
+    a[row] = ar, b[row] = br;
+    sum_gy[row] = s0, dot_gy_t[row] = s1, dot_all[row] = s2, sum_inst[row] = s3, dot_inst_x[row] = s4;
+  });
+
+  // Coefficients of grad_x = (gy / r - a q_inst) scale + k1 (x - mean) + k0 and the parameter gradients.
+  auto grad_weight = at::empty({c}, x.options()), grad_bias = at::empty({c}, x.options());
+  auto grad_v = at::empty({variant == 0 ? c : 0}, x.options());
+  float *pgw = grad_weight.data_ptr<float>(), *pgb = grad_bias.data_ptr<float>(), *pgv = grad_v.data_ptr<float>();
+  std::vector<float> k1(rows), k0(rows);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float w_ss = pw[ch] / (pbs[ch] * pbs[ch]);
+    float gv = 0, gw = 0, gb = 0, batch_grad = 0, mean_of_means = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = i * c + ch;
+      const float beta = instance_term(variant, pm[row], pv[row], 0.0f, feps).beta;
+      const float g_beta = -w_ss * sum_inst[row], g_alpha = -w_ss * dot_inst_x[row];
+      const float k = (variant == 1 ? g_beta + g_alpha : g_beta) / (beta * len);
+      k1[row] = k;
+      k0[row] = variant == 0 ? 0.0f : k * pm[row];
+      gv += g_alpha, gw += dot_gy_t[row] / pbs[ch], gb += sum_gy[row];  // empty batch: 0, not 0 / NaN
+      batch_grad += -w_ss * (dot_all[row] - sum_inst[row]);
+      mean_of_means += pm[row];
+    }
+    if (training) {  // through batch_std: d batch_std / dx = (x - batch_mean) / (N HW batch_std)
+      const float k_batch = batch_grad / (pbs[ch] * n * len);
+      mean_of_means /= n;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = i * c + ch;
+        k1[row] += k_batch, k0[row] += k_batch * (pm[row] - mean_of_means);
+      }
+    }
+    if (variant == 0) pgv[ch] = gv;
+    pgw[ch] = gw, pgb[ch] = gb;
+  }
+
+  auto grad_x = at::empty_like(x);
+  float* pgx = grad_x.data_ptr<float>();
+  for_rows(rows, len, [&](int64_t row) {
+    const int64_t ch = row % c;
+    const float ar = a[row], br = b[row], scale = pw[ch] / pbs[ch], kr1 = k1[row], kr0 = k0[row], center = pm[row];
+    const float *xr = px + row * len, *gr = pg + row * len;
+    float* out = pgx + row * len;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      float r = xr[i] * ar + br;
+      r = 1.0f > r ? 1.0f : r;
+      const float q_inst = r > 1.0f ? gr[i] * (xr[i] / r / r) : 0.0f;
+      out[i] = (gr[i] / r - q_inst * ar) * scale + kr1 * (xr[i] - center) + kr0;
+    }
+  });
+  return {grad_x, grad_weight, grad_bias, grad_v};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// S-series: y = num * rstd * weight + bias per (n, group), num = x sigmoid(v x) (S0) or silu(x) (v None);
+// rstd = 1 / sqrt(var + eps) (centered) or 1 / sqrt(mean(x^2) + eps).
+
+std::tuple<Tensor, Tensor, Tensor> sample_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                  const std::optional<Tensor>& v, int64_t groups, double eps,
+                                                  bool centered) {
+  check(x, "x");
+  const int64_t n = x.size(0), c = x.size(1), len = x.numel() / std::max<int64_t>(n * c, 1);
+  TORCH_CHECK(groups > 0 && c % groups == 0, "evonorm_cpu: groups must divide the channels");
+  const int64_t per_group = c / groups;
+  auto y = at::empty_like(x);
+  auto mean = at::empty({n, groups}, x.options()), rstd = at::empty({n, groups}, x.options());
+  const float* px = x.data_ptr<float>();
+  float *pm = mean.data_ptr<float>(), *pr = rstd.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  for_rows(n * groups, per_group * len, [&](int64_t row) {
+    float m, var;
+    moments(px + row * per_group * len, per_group * len, m, var);
+    pm[row] = m;
+    pr[row] = 1.0f / std::sqrt(centered ? var + feps : var + m * m + feps);
+  });
+
+  const Tensor w = small(weight, c, "weight"), sh = small(bias, c, "bias"), vv = small(v, c, "v");
+  const float *pw = data(w), *pb = data(sh), *pvv = data(vv);
+  float* py = y.data_ptr<float>();
+  for_rows(n * c, len, [&](int64_t row) {
+    const int64_t ch = row % c;
+    const float scale = pw[ch] * pr[row / per_group], shift = pb[ch], vr = pvv ? pvv[ch] : 1.0f;
+    const float* xr = px + row * len;
+    float* yr = py + row * len;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) yr[i] = xr[i] * sigmoid(vr * xr[i]) * scale + shift;
+  });
+  if (!centered) mean = at::empty({0}, x.options());
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sample_backward(const Tensor& x, const Tensor& grad_y, const Tensor& weight,
+                                                           const std::optional<Tensor>& v,
+                                                           const std::optional<Tensor>& mean, const Tensor& rstd,
+                                                           int64_t groups) {
+  check(x, "x");
+  check(grad_y, "grad_y");
+  const int64_t n = x.size(0), c = x.size(1), len = x.numel() / std::max<int64_t>(n * c, 1), rows = n * c;
+  TORCH_CHECK(groups > 0 && c % groups == 0, "evonorm_cpu: groups must divide the channels");
+  const int64_t per_group = c / groups;
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "evonorm_cpu: grad_y must have the shape of x");
+  const Tensor w = small(weight, c, "weight"), vv = small(v, c, "v");
+  const Tensor m = small(mean, n * groups, "mean"), r = small(rstd, n * groups, "rstd");
+  const float *px = x.data_ptr<float>(), *pg = grad_y.data_ptr<float>(), *pw = data(w), *pvv = data(vv);
+  const float *pr = data(r), *pm = data(m);
+  // Per (n, c): sums over (H, W) of gy, gy num and gy d num / dv = gy x^2 s (1 - s), s = sigmoid(v x).
+  std::vector<float> sum_gy(rows), dot_gy_num(rows), dot_v(rows);
+  for_rows(rows, len, [&](int64_t row) {
+    const float vr = pvv ? pvv[row % c] : 1.0f;
+    const float *xr = px + row * len, *gr = pg + row * len;
+    double s0 = 0, s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2)
+    for (int64_t i = 0; i < len; ++i) {
+      const float s = sigmoid(vr * xr[i]), gy_x = gr[i] * xr[i];
+      s0 += gr[i], s1 += gy_x * s, s2 += gy_x * s * (1.0f - s) * xr[i];
+    }
+    sum_gy[row] = s0, dot_gy_num[row] = s1, dot_v[row] = s2;
+  });
+
+  // k1 per (n, group): dL/d rstd = sum of weight gy num over the group, d rstd / dx = -rstd^3 (x - center) / M.
+  std::vector<float> k1(n * groups);
+  for (int64_t row = 0; row < n * groups; ++row) {
+    float g_rstd = 0;
+    for (int64_t ch = row * per_group; ch < (row + 1) * per_group; ++ch) g_rstd += pw[ch % c] * dot_gy_num[ch];
+    k1[row] = -g_rstd * pr[row] * pr[row] * pr[row] / (per_group * len);
+  }
+  auto grad_weight = at::empty({c}, x.options()), grad_bias = at::empty({c}, x.options());
+  auto grad_v = at::empty({v ? c : 0}, x.options());
+  float *pgw = grad_weight.data_ptr<float>(), *pgb = grad_bias.data_ptr<float>(), *pgv = grad_v.data_ptr<float>();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    float gw = 0, gb = 0, gv = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = i * c + ch;
+      const float rstd_c = pr[row / per_group];
+      gw += rstd_c * dot_gy_num[row], gb += sum_gy[row], gv += pw[ch] * rstd_c * dot_v[row];
+    }
+    pgw[ch] = gw, pgb[ch] = gb;
+    if (v) pgv[ch] = gv;
+  }
+
+  auto grad_x = at::empty_like(x);
+  float* pgx = grad_x.data_ptr<float>();
+  for_rows(rows, len, [&](int64_t row) {
+    const int64_t group = row / per_group;
+    const float vr = pvv ? pvv[row % c] : 1.0f, scale = pw[row % c] * pr[group], k = k1[group];
+    const float center = pm ? pm[group] : 0.0f;
+    const float *xr = px + row * len, *gr = pg + row * len;
+    float* out = pgx + row * len;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {  // d (x s) / dx = s + v x s (1 - s)
+      const float z = vr * xr[i], s = sigmoid(z);
+      out[i] = gr[i] * (s + z * s * (1.0f - s)) * scale + k * (xr[i] - center);
+    }
+  });
+  return {grad_x, grad_weight, grad_bias, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(evonorm_cpu, m) {
+  m.def("batch_forward(Tensor x, Tensor weight, Tensor bias, Tensor? v, Tensor(a!) running_var, int variant, "
+        "float eps, float momentum, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_backward(Tensor x, Tensor grad_y, Tensor weight, Tensor? v, Tensor mean, Tensor var, "
+        "Tensor batch_std, int variant, float eps, bool training) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("sample_forward(Tensor x, Tensor weight, Tensor bias, Tensor? v, int groups, float eps, bool centered) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("sample_backward(Tensor x, Tensor grad_y, Tensor weight, Tensor? v, Tensor? mean, Tensor rstd, "
+        "int groups) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(evonorm_cpu, CPU, m) {
+  m.impl("batch_forward", batch_forward);
+  m.impl("batch_backward", batch_backward);
+  m.impl("sample_forward", sample_forward);
+  m.impl("sample_backward", sample_backward);
+}

@@ -131,8 +131,8 @@ def _run_cpu(name: str, *args):
         from . import cpu_kernels
         return getattr(cpu_kernels.ops(), name)(*args)
     except Exception as err:  # no C++ compiler or ninja, build error, ...
-        log.warning("evonorm: the fused CPU kernels are unavailable, using the eager kernels from now on (%s: %s)",
-                    type(err).__name__, err)
+        log.warning("evonorm: the fused CPU kernels are unavailable (they need a C++ compiler and ninja), using the "
+                    "eager kernels from now on (%s: %s)", type(err).__name__, err)
         _cpu_state["failed"] = True
         return None
 

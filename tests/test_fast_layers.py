@@ -193,6 +193,15 @@ def test_empty_batch_is_affine_and_keeps_running_var(name):
         assert torch.equal(value, before[key])
 
 
+@pytest.mark.parametrize("name", ["s0", "s1", "s2"])
+def test_saturated_sigmoid_matches_reference(name, stages):
+    """|v x| up to ~100: sigmoid at 0 and 1 (the C++ kernels' exp clamps at +-88)."""
+    fast, ref = make_pair(name, 16)
+    x, grad_y = sample((4, 16, 5, 3)) * 25, sample((4, 16, 5, 3), seed=2)
+    for got, want in zip(run(fast, x, grad_y), run(ref, x, grad_y)):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
 @pytest.mark.parametrize("name", ["b0", "b1", "b2"])
 def test_non_finite_batch_variance_not_written(name, stages):
     fast, ref = make_pair(name, 8)

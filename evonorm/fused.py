@@ -51,7 +51,7 @@ COMPILE_MIN_NUMEL = 1 << 20
 _compile_state: dict = {"mode": os.environ.get("EVONORM_COMPILE", "auto"), "failed": False, "kernels": {}}
 # force: Triton stages for CPU tensors too, for tests under the Triton interpreter (TRITON_INTERPRET=1).
 _triton_state: dict = {"failed": False, "force": False}
-_cpu_state: dict = {"failed": False}
+_cpu_state: dict = {"failed": False, "ops": None}  # ops: torch.ops.evonorm_cpu once built
 
 
 def set_compile(mode: str) -> None:
@@ -79,9 +79,12 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _use_cpu_kernels(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """The fused C++ kernels (evonorm.cpu_kernels): float32 CPU inputs and parameters under "auto"."""
-    if _compile_mode() != "auto" or torch.compiler.is_compiling() or _cpu_state["failed"] or x.device.type != "cpu":
+    if not x.is_cpu or _cpu_state["failed"] or _compile_mode() != "auto" or torch.compiler.is_compiling():
         return False
-    return all(t is None or t.dtype == torch.float32 for t in (x, *params))
+    for t in (x, *params):  # a loop, not all(generator): this runs twice per layer call
+        if t is not None and t.dtype != torch.float32:
+            return False
+    return True
 
 
 def _use_compiled(x: torch.Tensor) -> bool:
@@ -128,8 +131,10 @@ def _run_cpu(name: str, *args):
     if _cpu_state["failed"]:
         return None
     try:
-        from . import cpu_kernels
-        return getattr(cpu_kernels.ops(), name)(*args)
+        if _cpu_state["ops"] is None:
+            from . import cpu_kernels
+            _cpu_state["ops"] = cpu_kernels.ops()
+        return getattr(_cpu_state["ops"], name)(*args)
     except Exception as err:  # no C++ compiler or ninja, build error, ...
         log.warning("evonorm: the fused CPU kernels are unavailable (they need a C++ compiler and ninja), using the "
                     "eager kernels from now on (%s: %s)", type(err).__name__, err)
@@ -310,13 +315,7 @@ def update_running_var(running_var: torch.Tensor, batch_var: torch.Tensor, momen
 
 
 def _batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, momentum: float, training: bool):
-    """Fused CPU kernels, eager or compiled stages: (y, saved statistics (mean, var, batch_std)); updates the running
-    variance."""
-    if _use_cpu_kernels(x, weight, bias, v, running_var):
-        out = _run_cpu("batch_forward", x.contiguous(), weight, bias, v, running_var, BATCH_VARIANTS.index(variant),
-                       eps, momentum, training)
-        if out is not None:
-            return out[0], out[1:]
+    """Eager or compiled stages: (y, saved statistics (mean, var, batch_std)); updates the running variance."""
     f = stats_dtype(x)
     xs = x.contiguous().to(f)
     # eps 0: var = rstd^-2 recovers the variance exactly (a zero variance gives rstd inf, var 0).
@@ -334,13 +333,8 @@ def _batch_forward(x, weight, bias, v, running_var, variant: str, eps: float, mo
 
 
 def _batch_backward(x, grad_y, weight, v, stats, variant: str, eps: float, training: bool):
-    """Fused CPU kernels, eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
+    """Eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
     mean, var, batch_std = stats
-    if _use_cpu_kernels(x, grad_y, weight, v, mean):
-        grads = _run_cpu("batch_backward", x.contiguous(), grad_y.contiguous(), weight, v, mean, var, batch_std,
-                         BATCH_VARIANTS.index(variant), eps, training)
-        if grads is not None:
-            return (*grads[:3], None if v is None else grads[3])
     f = mean.dtype
     xs = x.contiguous().to(f)
     w = weight.to(f)
@@ -367,16 +361,21 @@ class EvoNormBatchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, running_var, variant: str, eps: float, momentum: float,
                 training: bool):
-        out = None
-        if _use_triton(x, weight):  # launches only: autocast does not touch them (and its context costs host time)
+        # Triton launches and the C++ kernels: autocast does not touch them (and its context costs host time)
+        y, ws, stats = None, None, (None, None, None)
+        if _use_triton(x, weight):
             out = _run_triton("batch_forward", x.contiguous(), weight, bias, v, running_var, variant, eps, momentum,
                               training)
-        if out is None:
+            if out is not None:
+                y, ws = out
+        elif _use_cpu_kernels(x, weight, bias, v, running_var):
+            out = _run_cpu("batch_forward", x.contiguous(), weight, bias, v, running_var,
+                           BATCH_VARIANTS.index(variant), eps, momentum, training)
+            if out is not None:
+                y, *stats = out
+        if y is None:
             with torch.autocast(x.device.type, enabled=False):
-                (y, stats), ws = _batch_forward(x, weight, bias, v, running_var, variant, eps, momentum,
-                                                training), None
-        else:
-            (y, ws), stats = out, (None, None, None)
+                y, stats = _batch_forward(x, weight, bias, v, running_var, variant, eps, momentum, training)
         ctx.save_for_backward(x, weight, v, ws, *stats)
         ctx.variant, ctx.eps, ctx.training, ctx.bias_dtype = variant, eps, training, bias.dtype
         ctx.workspace_used = False
@@ -394,6 +393,9 @@ class EvoNormBatchFn(torch.autograd.Function):
             if grads is None:
                 from .triton_kernels import batch_saved_stats
                 stats = batch_saved_stats(ws, *x.shape[:2])
+        elif _use_cpu_kernels(x, grad_y, weight, v, stats[0]):
+            grads = _run_cpu("batch_backward", x.contiguous(), grad_y.contiguous(), weight, v, *stats,
+                             BATCH_VARIANTS.index(ctx.variant), ctx.eps, ctx.training)
         if grads is None:
             with torch.autocast(x.device.type, enabled=False):
                 grads = _batch_backward(x, grad_y, weight, v, stats, ctx.variant, ctx.eps, ctx.training)
@@ -491,12 +493,7 @@ def _sample_backward_eager(x, gy, v, scale, coefficients):
 
 
 def _sample_forward(x, weight, bias, v, groups: int, eps: float, centered: bool):
-    """Fused CPU kernels, eager or compiled stages: (y, saved statistics (mean or None, rstd) per (n, group))."""
-    if _use_cpu_kernels(x, weight, bias, v):
-        out = _run_cpu("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
-        if out is not None:
-            y, mean, rstd = out
-            return y, (mean if centered else None, rstd)
+    """Eager or compiled stages: (y, saved statistics (mean or None, rstd) per (n, group))."""
     f = stats_dtype(x)
     xs = x.contiguous().to(f)
     if centered:
@@ -511,12 +508,8 @@ def _sample_forward(x, weight, bias, v, groups: int, eps: float, centered: bool)
 
 
 def _sample_backward(x, grad_y, weight, v, stats):
-    """Fused CPU kernels, eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
+    """Eager or compiled stages: (grad_x, grad_weight, grad_bias, grad_v)."""
     mean, rstd = stats
-    if _use_cpu_kernels(x, grad_y, weight, v, rstd):
-        grads = _run_cpu("sample_backward", x.contiguous(), grad_y.contiguous(), weight, v, mean, rstd, rstd.shape[1])
-        if grads is not None:
-            return (*grads[:3], None if v is None else grads[3])
     f = rstd.dtype
     xs = x.contiguous().to(f)
     w = weight.to(f)
@@ -531,14 +524,20 @@ class EvoNormSampleFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, groups: int, eps: float, centered: bool):
-        out = None
-        if _use_triton(x, weight):  # launches only: autocast does not touch them (and its context costs host time)
+        # Triton launches and the C++ kernels: autocast does not touch them (and its context costs host time)
+        y, ws, stats = None, None, (None, None)
+        if _use_triton(x, weight):
             out = _run_triton("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
-        if out is None:
+            if out is not None:
+                y, ws = out
+        elif _use_cpu_kernels(x, weight, bias, v):
+            out = _run_cpu("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
+            if out is not None:
+                y, mean, rstd = out
+                stats = mean if centered else None, rstd
+        if y is None:
             with torch.autocast(x.device.type, enabled=False):
-                (y, stats), ws = _sample_forward(x, weight, bias, v, groups, eps, centered), None
-        else:
-            (y, ws), stats = out, (None, None)
+                y, stats = _sample_forward(x, weight, bias, v, groups, eps, centered)
         ctx.save_for_backward(x, weight, v, ws, *stats)
         ctx.groups, ctx.eps, ctx.centered, ctx.bias_dtype = groups, eps, centered, bias.dtype
         ctx.workspace_used = False
@@ -556,6 +555,8 @@ class EvoNormSampleFn(torch.autograd.Function):
             if grads is None:
                 from .triton_kernels import sample_saved_stats
                 stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.centered)
+        elif _use_cpu_kernels(x, grad_y, weight, v, stats[1]):
+            grads = _run_cpu("sample_backward", x.contiguous(), grad_y.contiguous(), weight, v, *stats, ctx.groups)
         if grads is None:
             with torch.autocast(x.device.type, enabled=False):
                 grads = _sample_backward(x, grad_y, weight, v, stats)

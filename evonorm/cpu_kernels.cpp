@@ -100,6 +100,12 @@ inline BatchRow instance_term(int64_t variant, float mean, float var, float v, f
 }
 
 // torch.lerp's formula (exact against update_running_var of the eager stages).
+// r = max(a x + b, 1): the B-series denominator over batch_std (NaN kept, as clamp_min keeps it).
+inline float batch_r(float x, float a, float b) {
+  const float r = x * a + b;
+  return 1.0f > r ? 1.0f : r;
+}
+
 inline float lerp(float start, float end, float weight) {
   const float diff = end - start;
   return std::abs(weight) < 0.5f ? start + weight * diff : end - diff * (1 - weight);
@@ -145,11 +151,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const 
     const float* xr = px + row * len;
     float* yr = py + row * len;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      float r = xr[i] * a + b;
-      r = 1.0f > r ? 1.0f : r;  // clamp_min(r, 1), NaN kept
-      yr[i] = xr[i] / r * scale + shift;
-    }
+    for (int64_t i = 0; i < len; ++i) yr[i] = xr[i] / batch_r(xr[i], a, b) * scale + shift;
   });
   return {y, mean, var, batch_std};
 }
@@ -169,7 +171,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
   const float feps = static_cast<float>(eps);
   // Per (n, c): a, b and the sums over (H, W) of gy, gy t, q, q_inst, q_inst x (t = x / r, q = gy t / r,
   // q_inst = q on the instance branch r > 1).
-  std::vector<float> a(rows), b(rows), sum_gy(rows), dot_gy_t(rows), dot_all(rows), sum_inst(rows), dot_inst_x(rows);
+  std::vector<float> a(rows), b(rows), beta(rows), sum_gy(rows), dot_gy_t(rows), dot_all(rows), sum_inst(rows),
+      dot_inst_x(rows);
   for_rows(rows, len, [&](int64_t row) {
     const int64_t ch = row % c;
     const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
@@ -180,14 +183,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
       float b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
 #pragma omp simd reduction(+ : b0, b1, b2, b3, b4)
       for (int64_t i = start; i < std::min(len, start + kBlock); ++i) {
-        float r = xr[i] * ar + br;
-        r = 1.0f > r ? 1.0f : r;
-        const float inv_r = 1.0f / r, tt = xr[i] * inv_r, q = gr[i] * tt * inv_r, q_inst = r > 1.0f ? q : 0.0f;
+        const float r = batch_r(xr[i], ar, br), inv_r = 1.0f / r, tt = xr[i] * inv_r, q = gr[i] * tt * inv_r;
+        const float q_inst = r > 1.0f ? q : 0.0f;
         b0 += gr[i], b1 += gr[i] * tt, b2 += q, b3 += q_inst, b4 += q_inst * xr[i];
       }
       s0 += b0, s1 += b1, s2 += b2, s3 += b3, s4 += b4;
     }
-    a[row] = ar, b[row] = br;
+    a[row] = ar, b[row] = br, beta[row] = t.beta;
     sum_gy[row] = s0, dot_gy_t[row] = s1, dot_all[row] = s2, sum_inst[row] = s3, dot_inst_x[row] = s4;
   });
 
@@ -201,9 +203,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
     float gv = 0, gw = 0, gb = 0, batch_grad = 0, mean_of_means = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t row = i * c + ch;
-      const float beta = instance_term(variant, pm[row], pv[row], 0.0f, feps).beta;
       const float g_beta = -w_ss * sum_inst[row], g_alpha = -w_ss * dot_inst_x[row];
-      const float k = (variant == 1 ? g_beta + g_alpha : g_beta) / (beta * len);
+      const float k = (variant == 1 ? g_beta + g_alpha : g_beta) / (beta[row] * len);
       k1[row] = k;
       k0[row] = variant == 0 ? 0.0f : k * pm[row];
       gv += g_alpha, gw += dot_gy_t[row] / pbs[ch], gb += sum_gy[row];  // empty batch: 0, not 0 / NaN
@@ -231,9 +232,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
     float* out = pgx + row * len;
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-      float r = xr[i] * ar + br;
-      r = 1.0f > r ? 1.0f : r;
-      const float inv_r = 1.0f / r, q_inst = r > 1.0f ? gr[i] * xr[i] * inv_r * inv_r : 0.0f;
+      const float r = batch_r(xr[i], ar, br), inv_r = 1.0f / r;
+      const float q_inst = r > 1.0f ? gr[i] * xr[i] * inv_r * inv_r : 0.0f;
       out[i] = (gr[i] * inv_r - q_inst * ar) * scale + kr1 * (xr[i] - center) + kr0;
     }
   });

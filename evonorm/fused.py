@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from . import cpu_kernels
 from .common import stats_dtype
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ COMPILE_MIN_NUMEL = 1 << 20
 _compile_state: dict = {"mode": os.environ.get("EVONORM_COMPILE", "auto"), "failed": False, "kernels": {}}
 # force: Triton stages for CPU tensors too, for tests under the Triton interpreter (TRITON_INTERPRET=1).
 _triton_state: dict = {"failed": False, "force": False}
-_cpu_state: dict = {"failed": False, "ops": None}  # ops: torch.ops.evonorm_cpu once built
+_cpu_state: dict = {"failed": False}
 
 
 def set_compile(mode: str) -> None:
@@ -112,34 +113,35 @@ def _run_compiled(stage: Callable, *args):
         return None
 
 
-def _run_triton(name: str, *args):
-    """evonorm.triton_kernels.<name>(*args); None when triton is missing or a launch fails (or failed before)."""
-    if _triton_state["failed"]:
+def _run_fused(state: dict, kernels: Callable, name: str, args: tuple, failure: str):
+    """kernels().<name>(*args); None when that path fails (warns once with ``failure`` and marks ``state``) or
+    failed before."""
+    if state["failed"]:
         return None
     try:
-        from . import triton_kernels
-        return getattr(triton_kernels, name)(*args)
-    except Exception as err:  # ImportError, no driver, compilation error, out of resources, ...
-        log.warning("evonorm: Triton stages failed, using the eager kernels from now on (%s: %s)",
-                    type(err).__name__, err)
-        _triton_state["failed"] = True
+        return getattr(kernels(), name)(*args)
+    except Exception as err:
+        log.warning("evonorm: %s, using the eager kernels from now on (%s: %s)", failure, type(err).__name__, err)
+        state["failed"] = True
         return None
+
+
+def _triton_kernels():
+    from . import triton_kernels  # imported on first use: it imports triton
+    return triton_kernels
+
+
+def _run_triton(name: str, *args):
+    """evonorm.triton_kernels.<name>(*args); None when triton is missing or a launch fails (ImportError, no driver,
+    compilation error, out of resources, ...) or failed before."""
+    return _run_fused(_triton_state, _triton_kernels, name, args, "Triton stages failed")
 
 
 def _run_cpu(name: str, *args):
-    """torch.ops.evonorm_cpu.<name>(*args); None when the build failed (now or before)."""
-    if _cpu_state["failed"]:
-        return None
-    try:
-        if _cpu_state["ops"] is None:
-            from . import cpu_kernels
-            _cpu_state["ops"] = cpu_kernels.ops()
-        return getattr(_cpu_state["ops"], name)(*args)
-    except Exception as err:  # no C++ compiler or ninja, build error, ...
-        log.warning("evonorm: the fused CPU kernels are unavailable (they need a C++ compiler and ninja), using the "
-                    "eager kernels from now on (%s: %s)", type(err).__name__, err)
-        _cpu_state["failed"] = True
-        return None
+    """torch.ops.evonorm_cpu.<name>(*args); None when the build fails (no C++ compiler or ninja, build error) or
+    failed before."""
+    return _run_fused(_cpu_state, cpu_kernels.ops, name, args,
+                      "the fused CPU kernels are unavailable (they need a C++ compiler and ninja)")
 
 
 def _run_stages(rows_stages: Callable, eager_stages: Callable, x: torch.Tensor, args: tuple):

@@ -14,6 +14,7 @@ from torchvision.io import write_png
 import evonorm
 from tasks.common.backbones import preact_resnet
 from tasks.common.datasets import DatasetError
+from tasks.common.images import CAPTION_HEIGHT
 from tasks.maskrcnn.data import DetectionData, read_coco, Split
 from tasks.maskrcnn.evaluation import coco_ap
 from tasks.maskrcnn.model import BackboneCheckpointError, build_maskrcnn
@@ -232,3 +233,29 @@ def test_backbone_from_classification_checkpoint(tmp_path):
     with pytest.raises(BackboneCheckpointError, match=r"model preact_resnet_cifar.*preact_resnet18"):
         build_maskrcnn(evonorm.norm_act_factory("b0"), 3, backbone_ckpt=str(
             classification_checkpoint(tmp_path, "preact_resnet_cifar", "b0")[0]), **TINY_MODEL)
+
+
+def test_drawn_panels_show_confident_predictions_else_the_best_in_grey():
+    module = MaskRCNNModule(torch.nn.Identity(), category_ids=[1, 2], class_names=["bag", "coat"], draw_score=0.3)
+    image = torch.zeros(3, 64, 64)
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 8:24, 8:24] = 1
+
+    def detections(scores):
+        n = len(scores)
+        return {"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]).repeat(n, 1), "labels": torch.ones(n, dtype=torch.int64),
+                "scores": torch.tensor(scores), "masks": mask.repeat(n, 1, 1, 1)}
+
+    module.drawn = [(image, detections([0.9, 0.1])), (image, detections([0.2, 0.1, 0.05, 0.01])),
+                    (image, detections([]))]
+    grid = module.draw_predictions()
+    panel = 256 + CAPTION_HEIGHT  # 64 px images upscaled to 256
+    assert grid.shape == (3, panel + 8, 3 * (256 + 4) + 4)
+    panels = [grid[:, 4:4 + panel, 4 + i * 260:4 + i * 260 + 256] for i in range(3)]
+    grey, bag_colour = (torch.tensor(rgb, dtype=torch.uint8)[:, None] for rgb in ([128, 128, 128], [31, 119, 180]))
+    box_edge = [p[:, 32:96, 32].reshape(3, -1) for p in panels]  # the left side of the upscaled box
+    assert (box_edge[0] == bag_colour).all(0).any() and not (box_edge[0] == grey).all(0).any()
+    assert (box_edge[1] == grey).all(0).any()  # below the threshold: the best drawn in grey
+    assert not panels[2][:, :256].any()  # nothing detected: the image alone
+    captions = [p[:, 256:] for p in panels]
+    assert all((c < 255).any() for c in captions) and not torch.equal(captions[0], captions[1])

@@ -13,12 +13,15 @@ from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from evonorm import param_groups_weight_decay
-from tasks.common.images import save_and_log_image
+from tasks.common.images import save_and_log_image, with_caption
 
 from .evaluation import MASK_THRESHOLD, coco_ap, to_coco_results
 from .model import BATCH_STATS
 
 log = logging.getLogger(__name__)
+FALLBACK_DRAWN = 3  # detections drawn on a panel where none reaches draw_score
+# one colour per class (matplotlib's tab10 without its grey, which marks the below-threshold detections)
+CLASS_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
 
 
 def warmup_then_decay(step: int, warmup_steps: int, warmup_factor: float, total_steps: int, schedule: str,
@@ -132,24 +135,34 @@ class MaskRCNNModule(pl.LightningModule):
                                f"{stage}/predictions")
 
     def draw_predictions(self) -> torch.Tensor:
-        """The first val images with their confident predictions (masks, boxes, class and score), as one grid."""
-        names = self.hparams.class_names
+        """The first val images with their predictions (masks, boxes, class and score), as one grid. A panel shows
+        the predictions scoring at least ``draw_score``; one with none (early in training) shows its best
+        ``FALLBACK_DRAWN`` in grey, so that the pasted objects of the input are not mistaken for predictions. The
+        caption under each panel says which."""
+        names, threshold = self.hparams.class_names, self.hparams.draw_score
         panels = []
         for image, output in self.drawn:
-            keep = output["scores"] >= self.hparams.draw_score
+            keep = (output["scores"] >= threshold).nonzero()[:, 0]
+            colors = [CLASS_COLORS[(int(c) - 1) % len(CLASS_COLORS)] for c in output["labels"][keep]]
+            if len(keep):
+                caption = f"{len(keep)} with score >= {threshold:.2f}"
+            elif len(output["scores"]):
+                keep, colors = output["scores"].argsort(descending=True)[:FALLBACK_DRAWN], "grey"
+                caption = f"none >= {threshold:.2f}; grey: best {len(keep)}"
+            else:
+                caption = "no detections"
             picture = (image * 255).round().clamp(0, 255).to(torch.uint8)
             scale = max(1, 256 // max(picture.shape[-2:]))  # small images upscaled so the labels stay readable
             if scale > 1:
                 picture = F.interpolate(picture[None], scale_factor=scale, mode="nearest")[0]
-            masks = output["masks"][keep][:, 0]
-            if len(masks):
-                masks = F.interpolate(masks[None], scale_factor=scale, mode="nearest")[0] > MASK_THRESHOLD
-                picture = draw_segmentation_masks(picture, masks, alpha=0.45)
-            labels = [f"{names[int(c) - 1]} {s:.2f}" for c, s in zip(output["labels"][keep],
-                                                                     output["scores"][keep])]
-            if labels:
-                picture = draw_bounding_boxes(picture, output["boxes"][keep] * scale, labels=labels, width=2)
-            panels.append(picture)
+            if len(keep):
+                masks = F.interpolate(output["masks"][keep][:, 0][None], scale_factor=scale, mode="nearest")[0]
+                picture = draw_segmentation_masks(picture, masks > MASK_THRESHOLD, alpha=0.45, colors=colors)
+                labels = [f"{names[int(c) - 1]} {s:.2f}" for c, s in zip(output["labels"][keep],
+                                                                         output["scores"][keep])]
+                picture = draw_bounding_boxes(picture, output["boxes"][keep] * scale, labels=labels, colors=colors,
+                                              width=2)
+            panels.append(with_caption(picture, caption))
         size = max(p.shape[-1] for p in panels), max(p.shape[-2] for p in panels)
         panels = [F.pad(p, (0, size[0] - p.shape[-1], 0, size[1] - p.shape[-2])) for p in panels]
         return make_grid(panels, nrow=4, padding=4, pad_value=255)

@@ -1,10 +1,12 @@
 """Config composition: every group option composes, the CLI lists groups and rejects unknown options."""
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from evonorm import NORM_ACT_NAMES, norm_act_factory
 from tests.conftest import CONF_DIR, REPO_ROOT
@@ -37,6 +39,19 @@ def test_experiment_states_deltas_only(tmp_path):
     assert exp.task.model.arch == "preact_resnet50" and exp.task.data.name == "imagefolder"
     assert exp.trainer.strategy == "ddp"
     assert exp.task.optim.momentum == base.task.optim.momentum  # untouched keys come from the task file
+
+
+def test_readme_names_only_existing_keys(tmp_path):
+    """Every config key the README names (``task.data.root``, ``trainer.num_nodes``, ...) exists in some task's
+    composed config, so a command copied from it does not fail with "Key ... is not in struct"."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    keys = set(re.findall(r"(?<![\w.+/-])((?:task|trainer|report|norm)\.[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?![\w(/])",
+                          readme))
+    assert len(keys) > 20  # the pattern still finds them
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfgs = [compose("config", overrides=[f"task={task}", f"output_dir={tmp_path}"]) for task in options("task")]
+    absent = object()
+    assert [k for k in sorted(keys) if all(OmegaConf.select(c, k, default=absent) is absent for c in cfgs)] == []
 
 
 def run_cli(*args):

@@ -52,6 +52,9 @@ def test_failed_run_writes_record(compose_cfg, tmp_path):
     saved = read_record(tmp_path)
     assert saved["status"] == "failed"
     assert "Fashion-MNIST not found" in saved["error"] and "apt-get install dataset-fashion-mnist" in saved["error"]
+    # the overrides the error suggests exist in the config
+    assert "task.data.root=<folder> task.data.download=true" in saved["error"]
+    assert {"root", "download"} <= set(compose_cfg().task.data)
     # failed before the first step: no checkpoint of an untrained model, and the error does not point to one
     assert "ckpt_path" not in saved["error"] and not (tmp_path / "checkpoints" / "on_exception.ckpt").exists()
     assert saved["pid"] == os.getpid() and saved["host"] == socket.gethostname()

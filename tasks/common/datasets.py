@@ -69,8 +69,8 @@ def load_fashion_mnist(root: str | None, download: bool = False):
         raise DatasetError(
             f"Fashion-MNIST not found in {', '.join(map(str, roots))}. Install it with "
             "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files "
-            "(train-images-idx3-ubyte.gz, ...) in a folder and pass data.root=<folder>; with network access, "
-            "data.root=<folder> data.download=true fetches them.")
+            "(train-images-idx3-ubyte.gz, ...) in a folder and pass task.data.root=<folder>; with network access, "
+            "task.data.root=<folder> task.data.download=true fetches them.")
     arrays = {k: read_idx(p) for k, p in paths.items()}
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
@@ -84,15 +84,15 @@ def load_fashion_mnist(root: str | None, download: bool = False):
 def load_cifar10(root: str | None, download: bool = False):
     from torchvision.datasets import CIFAR10
     if not root:
-        raise DatasetError("cifar10 needs data.root=<folder holding cifar-10-batches-py> (torchvision's layout)")
+        raise DatasetError("cifar10 needs task.data.root=<folder holding cifar-10-batches-py> (torchvision's layout)")
     splits = []
     for train in (True, False):
         try:
             ds = CIFAR10(root, train=train, download=download)
         except (OSError, RuntimeError) as e:
             raise DatasetError(f"CIFAR-10 not found, corrupted or not downloadable in {root} ({e}). Put the "
-                               "extracted cifar-10-batches-py folder there, or add data.download=true with network "
-                               "access.") from e
+                               "extracted cifar-10-batches-py folder there, or add task.data.download=true with "
+                               "network access.") from e
         splits += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)]
     return tuple(splits)
 
@@ -113,7 +113,7 @@ def image_folder_dirs(root: str | None) -> dict[str, Path]:
     """An ImageNet-style folder's train/, val/ and test/ (val/ when there is no test/) class folders."""
     train = Path(root or "") / "train"
     if not root or not train.is_dir():
-        raise DatasetError(f"imagefolder needs data.root=<folder with train/ and val/ class folders>; "
+        raise DatasetError(f"imagefolder needs task.data.root=<folder with train/ and val/ class folders>; "
                            f"{train} is not a directory")
     val = Path(root) / "val"
     if not val.is_dir():

@@ -190,7 +190,7 @@ class DetectionData(pl.LightningDataModule):
                      "val_ann": val_ann}
             unset = [k for k, v in given.items() if not v]
             if unset:
-                raise DatasetError(f"data.name=coco needs {', '.join('task.data.' + k for k in unset)} (image "
+                raise DatasetError(f"task.data.name=coco needs {', '.join('task.data.' + k for k in unset)} (image "
                                    "folders and COCO instances JSON files)")
             return {"train": Split(Path(train_images).expanduser(), Path(train_ann).expanduser()),
                     "val": Split(Path(val_images).expanduser(), Path(val_ann).expanduser())}

@@ -10,11 +10,13 @@ from hydra import compose, initialize_config_dir
 import evonorm
 from evonorm import NORM_ACT_NAMES
 from pipelines.run import run
+from tasks.biggan.data import GanData
 from tasks.biggan.features import EfficientNetLite0Features, FeatureNetError, build_feature_net
 from tasks.biggan.layers import ConditionalNormAct
 from tasks.biggan.metrics import fid_is
 from tasks.biggan.models import Discriminator, Generator
 from tasks.biggan.module import BigGanModule, hinge_d_loss, hinge_g_loss
+from tasks.common.datasets import DatasetError
 from tests.conftest import CONF_DIR
 
 TINY = {"resolution": 32, "ch": 4}
@@ -167,6 +169,18 @@ def test_missing_inception_weights_errors_clearly_without_network(monkeypatch, t
     monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(FeatureNetError, match="no such file.*nothing is downloaded"):
         build_feature_net(inception_weights=str(tmp_path / "pt_inception.pth"))
+
+
+def test_bad_settings_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"task.data.batch_size=0, task.data.steps_per_epoch=-1: must be positive"):
+        GanData(batch_size=0, steps_per_epoch=-1)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["task=biggan", "task.metrics.test_fid_samples=0", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"task.metrics.test_fid_samples=0: must be positive"):
+        run(cfg)
+    data = GanData(val_size=100_000, fid_samples=16)  # every training image held out
+    with pytest.raises(DatasetError, match="training split is empty; lower task.data.val_size"):
+        data.setup()
 
 
 def test_run_writes_fid_and_is(tmp_path):

@@ -89,6 +89,23 @@ def test_fashion_mnist_splits():
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"batch_size": 0}, r"task.data.batch_size=0: must be positive"),
+    ({"limit_train": 0, "limit_eval": -1}, r"task.data.limit_train=0, task.data.limit_eval=-1: must be positive"),
+    ({"val_size": 0}, r"task.data.val_size=0: must be positive"),
+])
+def test_bad_sizes_name_the_key(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ClassificationData(**settings)
+
+
+@pytest.mark.parametrize("settings", [{"val_size": 100_000}, {"limit_train": 100, "batch_size": 128}])
+def test_a_training_split_without_one_batch_is_refused(settings):
+    data = ClassificationData(**settings)
+    with pytest.raises(DatasetError, match=r"fewer than task.data.batch_size=128; lower it or task.data.val_size"):
+        data.setup()
+
+
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     data = ClassificationData(root=str(tmp_path))
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 
+from tasks.common.checks import require_positive
 from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_dirs, load_with_val_split
 from tasks.common.sampling import draws_for_all_ranks
 
@@ -38,6 +39,8 @@ class GanData(pl.LightningDataModule):
                  fid_samples: int = 500, test_fid_samples: int = 1000, z_dim: int = 128, latent_seed: int = 1234,
                  limit_train: int | None = None):
         super().__init__()
+        require_positive("task.data", batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                         eval_batch_size=eval_batch_size, val_size=val_size, limit_train=limit_train)
         self.name, self.root, self.download, self.resolution = name, root, download, resolution
         self.batch_size, self.draws_per_step, self.steps_per_epoch = batch_size, draws_per_step, steps_per_epoch
         self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
@@ -69,6 +72,8 @@ class GanData(pl.LightningDataModule):
             test_perm = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(self.split_seed))
             self.real_sets = {"val": TensorDataset(val_x, val_y),
                               "test": TensorDataset(test_x[test_perm], test_y[test_perm])}
+        if not len(self.train_set):
+            raise DatasetError("the training split is empty; lower task.data.val_size")
         for split in SPLITS:
             if len(self.real_sets[split]) < self.fid_samples[split]:
                 raise DatasetError(f"{split} holds {len(self.real_sets[split])} real images, fewer than the "

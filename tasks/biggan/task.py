@@ -4,6 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from tasks.base import TaskParts
+from tasks.common.checks import require_positive
 
 from .data import GanData
 from .features import build_feature_net
@@ -13,6 +14,8 @@ from .module import BigGanModule
 
 def build(cfg: DictConfig, norm_act) -> TaskParts:
     model, optim, metrics = cfg.model, cfg.optim, cfg.metrics
+    require_positive("task.optim", d_steps=optim.d_steps, accumulate=optim.accumulate)
+    require_positive("task.metrics", fid_samples=metrics.fid_samples, test_fid_samples=metrics.test_fid_samples)
     data = GanData(**OmegaConf.to_container(cfg.data, resolve=True), resolution=model.resolution,
                    z_dim=model.z_dim, draws_per_step=optim.d_steps * optim.accumulate,
                    fid_samples=metrics.fid_samples, test_fid_samples=metrics.test_fid_samples)

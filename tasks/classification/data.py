@@ -12,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tasks.common.datasets import image_folder_classes, image_folder_dirs, load_with_val_split
+from tasks.common.checks import require_positive
+from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_dirs, load_with_val_split
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -77,6 +78,8 @@ class ClassificationData(pl.LightningDataModule):
                  split_seed: int = 0, augment: bool = True, limit_train: int | None = None,
                  limit_eval: int | None = None, image_size: int = 224):
         super().__init__()
+        require_positive("task.data", batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size,
+                         limit_train=limit_train, limit_eval=limit_eval)
         self.name, self.root, self.download = name, root, download
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.val_size, self.split_seed, self.augment = val_size, split_seed, augment
@@ -101,6 +104,9 @@ class ClassificationData(pl.LightningDataModule):
         for split, limit in (("train", self.limit_train), ("val", self.limit_eval), ("test", self.limit_eval)):
             if limit is not None and limit < len(self.splits[split]):
                 self.splits[split] = Subset(self.splits[split], range(limit))
+        if len(self.splits["train"]) < self.batch_size:  # batches of fewer are dropped: no step would run
+            raise DatasetError(f"the training split holds {len(self.splits['train'])} images, fewer than "
+                               f"task.data.batch_size={self.batch_size}; lower it or task.data.val_size")
 
     def _setup_folders(self):
         from torchvision import transforms as T

@@ -2,6 +2,8 @@
 transfer from a classification checkpoint, and results.json through the run pipeline. Tiny images and widths."""
 import json
 import logging
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from torchvision.io import write_png
 
 import evonorm
 from tasks.common.backbones import preact_resnet
-from tasks.common.datasets import DatasetError
+from tasks.common.datasets import DatasetError, load_fashion_mnist
 from tasks.common.images import CAPTION_HEIGHT
 from tasks.maskrcnn.data import DetectionData, read_coco, Split
 from tasks.maskrcnn.evaluation import coco_ap
@@ -184,7 +186,7 @@ def test_foreign_coco_set_trains_and_evaluates_through_the_pipeline(tmp_path, ca
                                            f"output_dir={out}"])
     with caplog.at_level(logging.WARNING):
         record = run(cfg)
-    assert "dropped 1 crowd or degenerate annotations" in caplog.text
+    assert "dropped 0 crowd regions (iscrowd=1) and 1 degenerate annotations" in caplog.text
     saved = json.loads((out / "results.json").read_text())
     assert saved["status"] == "completed" and saved["task"] == "maskrcnn" and saved["dataset"] == "coco"
     assert saved["monitor"] == "val/segm_AP" and "val/segm_AP" in saved["best_val"]
@@ -207,6 +209,91 @@ def test_broken_json_and_missing_image_name_the_file(tmp_path):
         read_coco(Split(tmp_path / "ok" / "images", ann))
     with pytest.raises(DatasetError, match="nothing.json"):
         read_coco(Split(tmp_path / "ok" / "images", tmp_path / "nothing.json"))
+
+
+@pytest.fixture(scope="module")
+def foreign_coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("foreign")
+    return root / "images", json.loads(write_foreign_coco(root).read_text())
+
+
+def all_annotations(change):
+    return lambda coco: [change(a) for a in coco["annotations"]]
+
+
+# (how the file breaks, the split it is given as, what the error says, DetectionData settings)
+BROKEN_ANNOTATION_FILES = {
+    "unknown category_id": (lambda c: c["annotations"][2].update(category_id=777), "train",
+                            r"annotation ids 3 with category_id 777\): add those categories", {}),
+    "image_id without image": (lambda c: c["annotations"][1].update(image_id=424242), "val",
+                               r"annotation ids 2 with image_id 424242\): add those images", {}),
+    "no images key": (lambda c: c.pop("images"), "train", "lists no images", {}),
+    "image without height": (lambda c: c["images"][1].pop("height"), "train", r"1 images .*: id 2 \(height\)", {}),
+    "image without width": (lambda c: c["images"][0].pop("width"), "val", r"id 1 \(width\)", {}),
+    "no images": (lambda c: c.update(images=[]), "train", "lists no images", {}),
+    "no categories key": (lambda c: c.pop("categories"), "train", "lists no categories", {}),
+    "categories {}": (lambda c: c.update(categories={}), "val", "lists no categories", {}),
+    "no annotations key": (lambda c: c.pop("annotations"), "train", r"no usable annotation \(it lists none\)", {}),
+    "all degenerate": (all_annotations(lambda a: a.update(bbox=[0, 0, 0, 0])), "train",
+                       r"all 7 were dropped: 0 crowd regions \(iscrowd=1\) and 7 degenerate", {}),
+    "all crowd": (all_annotations(lambda a: a.update(iscrowd=1)), "train", r"dropped: 7 crowd regions", {}),
+    "val without annotations": (lambda c: c.update(annotations=[]), "val", "no annotation that COCO AP", {}),
+    "val crowd only": (all_annotations(lambda a: a.update(iscrowd=1)), "val", "crowd regions only mark", {}),
+    "val_size images unannotated": (lambda c: c.update(annotations=[a for a in c["annotations"] if a["image_id"] > 2]),
+                                    "val", r"first 2 val images .*task.data.val_size=2", {"val_size": 2}),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_ANNOTATION_FILES)
+def test_broken_annotation_file_is_refused_up_front_naming_file_and_entries(foreign_coco, tmp_path, case):
+    images, content = foreign_coco
+    break_it, split, says, settings = BROKEN_ANNOTATION_FILES[case]
+    good, broken = tmp_path / "good.json", tmp_path / "broken.json"
+    good.write_text(json.dumps(content))
+    content = json.loads(json.dumps(content))
+    break_it(content)
+    broken.write_text(json.dumps(content))
+    anns = {"train_ann": broken if split == "train" else good, "val_ann": broken if split == "val" else good}
+    with pytest.raises(DatasetError, match=says) as error:
+        DetectionData(name="coco", steps=2, batch_size=2, train_images=str(images), val_images=str(images),
+                      **{k: str(v) for k, v in anns.items()}, **settings)
+    assert str(broken) in str(error.value)
+
+
+def test_undecodable_image_is_named_at_its_step(foreign_coco, tmp_path):
+    images, content = foreign_coco
+    shutil.copytree(images, tmp_path / "images")
+    png = tmp_path / "images" / "p2.png"
+    png.write_bytes(png.read_bytes()[:len(png.read_bytes()) // 2])
+    (tmp_path / "ann.json").write_text(json.dumps(content))
+    paths = {f"{split}_{kind}": str(tmp_path / name) for split in ("train", "val")
+             for kind, name in (("images", "images"), ("ann", "ann.json"))}
+    data = DetectionData(name="coco", steps=2, batch_size=2, **paths)
+    data.train_set[0]  # the others decode
+    with pytest.raises(DatasetError, match=rf"image {png} \(image id 2\) cannot be decoded .*truncated.*replace"):
+        data.train_set[1]
+
+
+def test_fashion_scenes_errors_name_this_tasks_keys(tmp_path):
+    with pytest.raises(DatasetError, match="task.data.fashion_root=<folder>") as missing:
+        ensure_fashion_scenes(str(tmp_path / "cache"), fashion_root=str(tmp_path / "nope"), num_train=1, num_val=1)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        data_keys = compose("config", overrides=["task=maskrcnn", f"output_dir={tmp_path}"]).task.data
+    assert not (tmp_path / "cache").exists()  # nothing half-made
+    named = set(re.findall(r"task\.data\.(\w+)", str(missing.value)))
+    assert named == {"fashion_root"} and set(data_keys) >= named  # no download key in this task
+    with pytest.raises(DatasetError, match="task.data.root=<folder> task.data.download=true"):  # the default
+        load_fashion_mnist(str(tmp_path / "nope"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DatasetError, match=rf"under {tmp_path / 'a_file'} .*task.data.cache_dir=<folder> \(or "
+                                           "EVONORM_DATA_CACHE\\) at a writable folder"):
+        ensure_fashion_scenes(str(tmp_path / "a_file"), num_train=1, num_val=1)
+
+
+@pytest.mark.parametrize("key", ["batch_size", "eval_batch_size", "val_size", "test_size"])
+def test_nonpositive_sizes_are_refused_before_any_data_is_read(key):
+    with pytest.raises(ValueError, match=rf"task.data.{key}=0: must be positive"):
+        DetectionData(name="coco", **{key: 0})  # no paths given: reading anything would fail differently
 
 
 def classification_checkpoint(tmp_path, arch, norm):

@@ -50,7 +50,10 @@ def find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
-def load_fashion_mnist(root: str | None, download: bool = False):
+def load_fashion_mnist(root: str | None, download: bool = False, root_key: str = "task.data.root",
+                       download_key: str | None = "task.data.download"):
+    """Fashion-MNIST as uint8 (train images, train labels, test images, test labels); when it is missing the error
+    names the calling task's overrides ``root_key`` and ``download_key`` (None: that task cannot download)."""
     roots = [Path(root).expanduser()] if root else [Path(d) for d in FASHION_MNIST_DIRS]
     for r in roots:
         paths = {k: find_idx(r, stem) for k, stem in FASHION_MNIST_FILES.items()}
@@ -66,11 +69,11 @@ def load_fashion_mnist(root: str | None, download: bool = False):
                 raise DatasetError(f"downloading Fashion-MNIST into {root} failed ({e}); without network, "
                                    "`apt-get install dataset-fashion-mnist` or copy the IDX files there") from e
             return load_fashion_mnist(root)
+        fetch = f"; with network access, {root_key}=<folder> {download_key}=true fetches them" if download_key else ""
         raise DatasetError(
             f"Fashion-MNIST not found in {', '.join(map(str, roots))}. Install it with "
             "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files "
-            "(train-images-idx3-ubyte.gz, ...) in a folder and pass task.data.root=<folder>; with network access, "
-            "task.data.root=<folder> task.data.download=true fetches them.")
+            f"(train-images-idx3-ubyte.gz, ...) in a folder and pass {root_key}=<folder>{fetch}.")
     arrays = {k: read_idx(p) for k, p in paths.items()}
     for split in ("train", "test"):
         if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):

@@ -3,7 +3,8 @@
 Read with torchvision's ``CocoDetection`` + ``wrap_dataset_for_transforms_v2`` (polygons or RLE to masks) and
 transforms v2. Category ids map to contiguous labels 1..K (0 is the background). Crowd regions and degenerate
 annotations (box under a pixel, empty mask) are dropped before training with a logged count; images without
-annotations stay as negatives.
+annotations stay as negatives. A file with missing fields or dangling ids, nothing to train on or nothing to
+evaluate against is a ``DatasetError`` before training; an image that fails to decode, one at the step that reads it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
+from tasks.common.checks import require_positive
 from tasks.common.datasets import DatasetError
 from tasks.common.sampling import draws_for_all_ranks
 
@@ -43,15 +45,12 @@ def read_coco(split: Split) -> CocoDetection:
     if not split.images.is_dir():
         raise DatasetError(f"image folder {split.images} not found; give task.data.<split>_images=<folder>")
     try:
-        json.loads(split.annotations.read_text())
+        content = json.loads(split.annotations.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise DatasetError(f"annotation file {split.annotations} is not valid JSON ({e}); fix or regenerate "
                            "it") from e
-    try:
-        dataset = CocoDetection(str(split.images), str(split.annotations))
-    except (KeyError, TypeError, AssertionError) as e:
-        raise DatasetError(f"annotation file {split.annotations} is not COCO instances format (missing or bad "
-                           f"{e}); it needs images, annotations and categories") from e
+    check_coco_entries(content, split.annotations)
+    dataset = CocoDetection(str(split.images), str(split.annotations))
     missing = [info["file_name"] for info in dataset.coco.imgs.values()
                if not (split.images / info["file_name"]).is_file()]
     if missing:
@@ -60,20 +59,97 @@ def read_coco(split: Split) -> CocoDetection:
     return dataset
 
 
-def drop_unusable_annotations(dataset: CocoDetection, where: Path, keep_crowd: bool) -> int:
+def listed(ids: list) -> str:
+    return ", ".join(map(str, ids[:5])) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+
+def bad_fields(entry, needs: tuple[str, ...]) -> list[str]:
+    """The fields of ``needs`` that ``entry`` lacks or holds a wrong type in (ids become dict keys)."""
+    if not isinstance(entry, dict):
+        return ["not an object"]
+    valid = {"height": is_size, "width": is_size, "file_name": lambda v: isinstance(v, str)}
+    return [k for k in needs if k not in entry or not valid.get(k, is_id)(entry[k])]
+
+
+def is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def is_size(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def entry_name(index: int, entry) -> str:
+    return f"id {entry['id']}" if isinstance(entry, dict) and is_id(entry.get("id")) else f"entry #{index}"
+
+
+def check_coco_entries(content, path: Path) -> None:
+    """Raise a ``DatasetError`` naming the entries of a COCO instances file that would otherwise fail later with
+    a bare KeyError (some only at the training step that reaches them) or make an empty set."""
+    if not isinstance(content, dict):
+        raise DatasetError(f"{path} is not COCO instances format: the top level must be an object with images, "
+                           "annotations and categories")
+    images, categories = content.get("images"), content.get("categories")
+    annotations = content.get("annotations", [])
+    if not isinstance(images, list) or not images:
+        raise DatasetError(f"{path} lists no images: it needs a non-empty \"images\" list of "
+                           "{id, file_name, height, width}")
+    if not isinstance(categories, list) or not categories:
+        raise DatasetError(f"{path} lists no categories: it needs a non-empty \"categories\" list of {{id, name}}")
+    if not isinstance(annotations, list):
+        raise DatasetError(f"{path}: \"annotations\" must be a list of {{id, image_id, category_id, bbox, "
+                           f"segmentation}}, not {type(annotations).__name__}")
+    problems = []
+    for kind, entries, needs in (("images", images, ("id", "file_name", "height", "width")),
+                                 ("categories", categories, ("id", "name")),
+                                 ("annotations", annotations, ("id", "image_id", "category_id"))):
+        bad = [f"{entry_name(i, e)} ({', '.join(faults)})" for i, e in enumerate(entries)
+               if (faults := bad_fields(e, needs))]
+        if bad:
+            problems.append(f"{len(bad)} {kind} with a missing or bad field: {listed(bad)}")
+    if problems:  # the cross-references below need these fields
+        raise DatasetError(f"{path} has incomplete entries; add or fix the fields named (ids: integers, "
+                           f"height and width: positive): {'; '.join(problems)}")
+    for field, known, fix in (("image_id", {e["id"] for e in images}, "add those images"),
+                              ("category_id", {e["id"] for e in categories}, "add those categories")):
+        strays = [a for a in annotations if a[field] not in known]
+        if strays:
+            problems.append(f"{len(strays)} annotations name a {field} that is not listed (annotation ids "
+                            f"{listed([a['id'] for a in strays])} with {field} "
+                            f"{listed(sorted({a[field] for a in strays}, key=str))}): {fix} or fix or delete the "
+                            "annotations")
+    if problems:
+        raise DatasetError(f"{path}: {'; '.join(problems)}")
+
+
+def drop_unusable_annotations(dataset: CocoDetection, where: Path, keep_crowd: bool) -> dict[str, int]:
     """Remove degenerate annotations (and crowd regions unless ``keep_crowd``: COCOeval uses them as ignore
-    regions) from the images' lists, which both loading and COCOeval read; returns how many went."""
-    dropped = 0
+    regions) from the images' lists, which both loading and COCOeval read; returns how many of each went."""
+    dropped = {"crowd": 0, "degenerate": 0}
     for image_id, anns in dataset.coco.imgToAnns.items():
         info = dataset.coco.imgs[image_id]
-        keep = [a for a in anns if (keep_crowd or not a.get("iscrowd", 0)) and
-                well_formed(a, info["height"], info["width"])]
-        dropped += len(anns) - len(keep)
+        keep = []
+        for a in anns:
+            if not keep_crowd and a.get("iscrowd", 0):
+                dropped["crowd"] += 1
+            elif not well_formed(a, info["height"], info["width"]):
+                dropped["degenerate"] += 1
+            else:
+                keep.append(a)
         dataset.coco.imgToAnns[image_id] = keep
-    if dropped:
-        log.warning("%s: dropped %d %sdegenerate annotations (box under 1 px, empty or malformed segmentation)",
-                    where, dropped, "" if keep_crowd else "crowd or ")
+    if any(dropped.values()):
+        log.warning("%s: dropped %s", where, describe_dropped(dropped))
     return dropped
+
+
+def describe_dropped(dropped: dict[str, int]) -> str:
+    return (f"{dropped['crowd']} crowd regions (iscrowd=1) and {dropped['degenerate']} degenerate annotations "
+            "(box under 1 px, empty or malformed segmentation)")
+
+
+def ground_truth_count(coco, image_ids) -> int:
+    """Annotations COCOeval can match on these images (crowd regions only mark areas to ignore)."""
+    return sum(not a.get("iscrowd", 0) for i in image_ids for a in coco.imgToAnns.get(i, ()))
 
 
 def well_formed(ann: dict, height: int, width: int) -> bool:
@@ -99,7 +175,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.wrapped)
 
     def __getitem__(self, index):
-        image, target = self.wrapped[index]
+        try:
+            image, target = self.wrapped[index]
+        except OSError as e:  # PIL's truncated or unidentified image; its message does not name the file
+            info = self.coco.coco.imgs[self.coco.ids[index]]
+            raise DatasetError(f"image {Path(self.coco.root) / info['file_name']} (image id {info['id']}) cannot "
+                               f"be decoded ({e}); replace the file, or delete that image and its annotations "
+                               "from the annotation file") from e
         image = tv_tensors.Image(v2.functional.pil_to_tensor(image) if not isinstance(image, torch.Tensor)
                                  else image)
         size = tuple(image.shape[-2:])
@@ -152,6 +234,8 @@ class DetectionData(pl.LightningDataModule):
                  val_ann: str | None = None, generate: dict | None = None, fashion_root: str | None = None,
                  cache_dir: str | None = None, seed: int = 0):
         super().__init__()
+        require_positive("task.data", batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size,
+                         test_size=test_size)
         self.name, self.steps, self.epochs = name, steps, epochs
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.val_size, self.seed = val_size, seed
@@ -165,8 +249,9 @@ class DetectionData(pl.LightningDataModule):
                                f"({self.splits['train'].annotations}, {self.splits['val'].annotations})")
         self.category_ids = categories  # label i (1..K) is category_ids[i - 1]
         self.class_names = [self.train_coco.coco.cats[c]["name"] for c in categories]
-        drop_unusable_annotations(self.train_coco, self.splits["train"].annotations, keep_crowd=False)
-        drop_unusable_annotations(self.val_coco, self.splits["val"].annotations, keep_crowd=True)
+        train_dropped = drop_unusable_annotations(self.train_coco, self.splits["train"].annotations, keep_crowd=False)
+        val_dropped = drop_unusable_annotations(self.val_coco, self.splits["val"].annotations, keep_crowd=True)
+        self.require_ground_truth(train_dropped, val_dropped, val_size, test_size)
         label_of = {c: i + 1 for i, c in enumerate(categories)}
         train_tf = [v2.RandomHorizontalFlip()] if hflip else []
         as_float = [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1)]
@@ -179,6 +264,26 @@ class DetectionData(pl.LightningDataModule):
                  "validation, %d for the test stage), %d categories", name, len(self.train_set),
                  len(self.train_coco.coco.anns), len(eval_set), len(self.val_coco.coco.anns), len(self.val_set),
                  len(self.test_set), len(categories))
+
+    def require_ground_truth(self, train_dropped: dict[str, int], val_dropped: dict[str, int],
+                             val_size: int | None, test_size: int | None) -> None:
+        """Without annotations to learn from, training ends `completed` with AP 0; without any to evaluate
+        against, COCOeval's AP is undefined (-1, reported as 0): both are data errors, not results."""
+        train, val = self.splits["train"].annotations, self.splits["val"].annotations
+        if not ground_truth_count(self.train_coco.coco, self.train_coco.ids):
+            why = (f"all {sum(train_dropped.values())} were dropped: {describe_dropped(train_dropped)}"
+                   if any(train_dropped.values()) else "it lists none")
+            raise DatasetError(f"training annotation file {train} has no usable annotation ({why}); a run would "
+                               "learn nothing. Fix the annotations or give another file")
+        if not ground_truth_count(self.val_coco.coco, self.val_coco.ids):
+            why = f"{describe_dropped(val_dropped)} dropped" if any(val_dropped.values()) else "it lists none"
+            raise DatasetError(f"val annotation file {val} has no annotation that COCO AP can be measured against "
+                               f"({why}, crowd regions only mark areas to ignore); give a val set with annotations")
+        for key, size in (("val_size", val_size), ("test_size", test_size)):
+            if not ground_truth_count(self.val_coco.coco, self.val_coco.ids[:size]):
+                raise DatasetError(f"the first {size} val images of {val} (task.data.{key}={size}) hold no "
+                                   f"annotation that COCO AP can be measured against; raise task.data.{key} or set "
+                                   f"it to null (all {len(self.val_coco.ids)} images)")
 
     @staticmethod
     def locate(name, train_images, train_ann, val_images, val_ann, generate, fashion_root, cache_dir):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torchvision.io import write_png
 
-from tasks.common.datasets import load_fashion_mnist
+from tasks.common.datasets import DatasetError, load_fashion_mnist
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the generator changes: it is part of the cache key
@@ -61,7 +61,13 @@ def ensure_fashion_scenes(cache_dir: str | None = None, fashion_root: str | None
     start = time.time()
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    train_items, train_labels, test_items, test_labels = load_fashion_mnist(fashion_root)
+    train_items, train_labels, test_items, test_labels = load_fashion_mnist(
+        fashion_root, root_key="task.data.fashion_root", download_key=None)  # this task has no download key
+    try:  # after the load, so that a missing Fashion-MNIST leaves no empty folder behind
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise DatasetError(f"cannot create the fashion_scenes cache under {cache_root(cache_dir)} ({e}); point "
+                           f"task.data.cache_dir=<folder> (or {CACHE_ENV}) at a writable folder") from e
     photos = load_photos()
     rng = np.random.default_rng(seed)
     for split, count, items, labels in (("train", num_train, train_items, train_labels),

@@ -15,10 +15,15 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Exception as e:
-        if multirun_sweep_dir() is None or isinstance(e, RunDirConflict):
+        if multirun_sweep_dir() is None:
             raise
-        # a sweep goes on: the job's results.json says why it failed, the sweep's exit status counts failures
-        log.exception("job failed; the sweep goes on")
+        # a sweep goes on: the job's results.json says why it failed, the report at the end and the sweep's exit
+        # status count it. A refused dir (checked before the sweep started; a run begun there since) keeps its
+        # record: this log says why
+        if isinstance(e, RunDirConflict):
+            log.error("job refused: %s; the sweep goes on", e)
+        else:
+            log.exception("job failed; the sweep goes on")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,18 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class FiniteLossCheck(pl.Callback):
-    """Stop at the first NaN/Inf training loss with an error that says what to try (checkpoints stay)."""
+    """Stop at the first NaN/Inf training loss with an error that says what to try (``remedies``: the overrides that
+    fit the task, see ``pipelines.run.nan_loss_remedies``); checkpoints stay."""
+
+    def __init__(self, remedies: str):
+        self.remedies = remedies
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and not torch.isfinite(loss).all():
             raise NonFiniteLossError(
                 f"training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}). "
-                "Try a lower learning rate or a longer warmup, gradient clipping (trainer.gradient_clip_val=1.0), "
-                "or fp32 precision; checkpoints written so far are kept in the run's checkpoints/ folder.")
+                f"{self.remedies}; checkpoints written so far are kept in the run's checkpoints/ folder.")
 
 
 class CheckpointOnException(pl.Callback):
@@ -44,26 +47,26 @@ class CheckpointOnException(pl.Callback):
 
 
 class Heartbeat(pl.Callback):
-    """Calls ``beat()`` at most every ``interval_s`` seconds while batches run (training, validation, test), so
-    that the record of a killed run can be told from a live one."""
+    """Calls ``beat(trainer)`` at most every ``interval_s`` seconds while batches run (training, validation, test),
+    so that the record of a killed run can be told from a live one (and says how far it got)."""
 
-    def __init__(self, beat: Callable[[], None], interval_s: float):
+    def __init__(self, beat: Callable[[pl.Trainer], None], interval_s: float):
         self.beat, self.interval_s = beat, interval_s
         self.last = time.monotonic()
 
-    def _maybe_beat(self):
+    def _maybe_beat(self, trainer):
         if time.monotonic() - self.last >= self.interval_s:
-            self.beat()
+            self.beat(trainer)
             self.last = time.monotonic()
 
     def on_train_batch_end(self, trainer, *args):
-        self._maybe_beat()
+        self._maybe_beat(trainer)
 
     def on_validation_batch_end(self, trainer, *args):
-        self._maybe_beat()
+        self._maybe_beat(trainer)
 
     def on_test_batch_end(self, trainer, *args):
-        self._maybe_beat()
+        self._maybe_beat(trainer)
 
 
 class BestMetrics(pl.Callback):

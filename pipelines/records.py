@@ -7,6 +7,7 @@ its pid is gone, and anywhere its heartbeat stops.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
+log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 HEARTBEAT_STALE_FACTOR = 10  # a heartbeat older than this many intervals (and at least 10 minutes) means dead
 HEARTBEAT_STALE_MIN_S = 600
@@ -28,10 +30,14 @@ def write_record(output_dir: Path, record: dict) -> None:
 
 
 def read_record(run_dir: Path) -> dict | None:
-    """The record in ``run_dir``, or None when there is none (or it is unreadable: a fresh start then)."""
+    """The record in ``run_dir``, or None when there is none or it cannot be read (with a warning naming it)."""
+    path = Path(run_dir) / RESULTS_FILE
     try:
-        return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
-    except (OSError, ValueError):
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("%s cannot be read (%s: %s): it counts as no record", path, type(e).__name__, e)
         return None
 
 

@@ -23,6 +23,7 @@ from pipelines.records import RESULTS_FILE, effective_status, read_record
 log = logging.getLogger(__name__)
 NOT_COMPLETED = ("failed", "dead", "running", "missing", "no metric")
 NOISE_MARK, UNKNOWN_SPREAD_MARK = "≈", "?"
+ERROR_CHARS = 300  # an unfinished run's error in transfer.md, cut to this (its results.json has it whole)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TransferReport:
     seeds: list
     messages: list[str]
     runs: dict[str, dict]  # task -> mean steps, epochs, wall time of its completed runs
+    unfinished: list[dict]  # the records of failed, dead and running runs, in grid order
 
     def cell(self, norm: str, task: str) -> Cell:
         return self.cells[(norm, task)]
@@ -90,6 +92,7 @@ def collect_records(dirs: list[Path]) -> list[dict]:
             if not record or "task" not in record or "norm" not in record:
                 continue
             record["_status"] = effective_status(record)
+            record["_dir"] = str(path.parent)
             record["_time"] = record.get("started_at") or path.stat().st_mtime
             key = (record["task"], record["norm"]["name"], record.get("seed"))
             if key not in newest or record["_time"] >= newest[key]["_time"]:
@@ -142,8 +145,9 @@ def build_report(records: list[dict], reference: str = "bn_relu") -> TransferRep
     messages = []
     for h in headlines:
         if h.metric is None:
-            messages.append(f"task {h.task}: no record names its monitor metric (records from before monitor/mode "
-                            "were recorded?), so it has no headline; re-run it with the current code")
+            messages.append(f"task {h.task}: no record names its monitor metric (every run failed before its task "
+                            "was built, or records from before monitor/mode were recorded), so it has no headline; "
+                            "see the runs that did not complete, or re-run it with the current code")
         for n in norms:
             cell = cells[(n, h.task)]
             for seed in seeds:
@@ -170,7 +174,10 @@ def build_report(records: list[dict], reference: str = "bn_relu") -> TransferRep
     else:
         messages += [f"task {h.task}: the reference {reference!r} has no completed run, no differences shown"
                      for h in headlines if h.metric and not cells[(reference, h.task)].values]
-    return TransferReport(headlines, norms, cells, reference, seeds, messages, runs_summary(records, tasks))
+    unfinished = sorted((r for r in records if r["_status"] != "completed"),
+                        key=lambda r: (float("inf") if r.get("sweep_job") is None else r["sweep_job"], r["_time"]))
+    return TransferReport(headlines, norms, cells, reference, seeds, messages, runs_summary(records, tasks),
+                          unfinished)
 
 
 def runs_summary(records: list[dict], tasks: list[str]) -> dict[str, dict]:
@@ -221,6 +228,17 @@ def value_text(cell: Cell) -> str:
     return text + (f"; {problems}" if problems else "")
 
 
+def unfinished_text(record: dict) -> str:
+    status = record["_status"]
+    if status == "dead":
+        return (f"dead (killed: its process is gone or its heartbeat stopped) at step {record.get('steps')}; "
+                "a re-run into its dir resumes it")
+    if status == "running":
+        return f"running (pid {record.get('pid')} on {record.get('host')})"
+    error = " ".join(str(record.get("error") or "no error recorded").split())
+    return f"{status}: {error[:ERROR_CHARS]}" + ("..." if len(error) > ERROR_CHARS else "")
+
+
 def markdown(report: TransferReport) -> str:
     header = ["layer"]
     for h in report.headlines:
@@ -241,6 +259,10 @@ def markdown(report: TransferReport) -> str:
     for task, runs in report.runs.items():
         lines.append(f"- {task}: {runs['steps']:.0f} steps, {runs['epochs']:.3g} epochs, "
                      f"{runs['wall_time_s']:.0f} s per completed run (mean)")
+    if report.unfinished:
+        lines += ["", "Runs that did not complete:"]
+        lines += [f"- {r['task']} / {r['norm']['name']} / seed {r.get('seed')}: {unfinished_text(r)} (`{r['_dir']}`)"
+                  for r in report.unfinished]
     lines += [f"\n**Note:** {m}" for m in report.messages]
     return "\n".join(lines) + "\n"
 

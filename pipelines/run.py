@@ -3,10 +3,12 @@
 The record is written when the run starts (status ``running``, with pid, host and a heartbeat), and again when it
 completes or fails, so a run that is killed or crashes still leaves its configuration, its error and its
 checkpoints behind. Started again in the same output dir (a re-run sweep, ``+resume=<dir>``), a completed run is
-skipped and an unfinished one resumes from its newest checkpoint.
+skipped and an unfinished one resumes from its newest checkpoint. Config mistakes (an unknown top-level key, nothing
+to train, another run's checkpoint) are refused before anything starts.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import signal
 import subprocess
@@ -24,7 +26,8 @@ from evonorm import norm_act_factory
 from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat
 from pipelines.loggers import build_loggers, finish_wandb
 from pipelines.records import RESULTS_FILE, effective_status, process_identity, read_record, write_record
-from pipelines.sweep import ddp_launch_state, end_ddp_job, multirun_job_num, relaunch_ddp_as_this_job
+from pipelines.sweep import (ddp_launch_state, end_ddp_job, multirun_job_num, multirun_sweep_dir,
+                             relaunch_ddp_as_this_job)
 from pipelines.sync_batchnorm import trainer_arguments
 from tasks import build_task
 
@@ -32,10 +35,21 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # may vary between attempts of one run (compile: the same model and numerics up to float rounding)
 CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "heartbeat_s", "report", "compile")
+# the top-level keys of conf/config.yaml (its own and its groups' packages) and +resume; experiments and budgets
+# are packaged _global_ and add none
+TOP_LEVEL_KEYS = ("seed", "ckpt_path", "test_ckpt", "compile", "output_dir", "heartbeat_s", "report", "task", "norm",
+                  "trainer", "logger", "resume")
+# what sets a run's length (trainer.max_epochs is ${task.epochs} unless set itself); each must be >= 1
+TRAINING_LENGTH_KEYS = ("task.epochs", "task.steps", "task.data.steps_per_epoch", "trainer.max_epochs")
+SHOWN_DIFFERENCES = 3  # a refusal names this many differing keys, then counts the rest
+ABSENT = object()  # a config key one side lacks
 
 
 class RunDirConflict(RuntimeError):
-    """The output dir holds another configuration's run or a live run: a usage error, it stops a sweep too."""
+    """The output dir holds another configuration's run, a live run, or checkpoints without a readable record: a
+    usage error. A sweep checks every grid point before its first job and refuses to start (see
+    ``pipelines.sweep.TransferReportCallback``); a job that meets one later (a run started meanwhile) is logged as
+    refused and the sweep goes on."""
 
 
 def git_commit() -> str | None:
@@ -61,22 +75,93 @@ def resolve_compile(cfg: DictConfig) -> bool:
     raise ValueError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
 
 
-def describe_error(error: BaseException, saved_checkpoint: Path | None) -> str:
+def flat_items(tree, prefix: str = "") -> dict:
+    """{"a.b": leaf, ...}; an empty dict is a leaf of its own (key "a.b.")."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in flat_items(sub, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def likely_keys(unknown: str, known: dict) -> list[str]:
+    """Known keys that end like the unknown one (data.root -> task.data.root), else the closest spellings."""
+    ends_alike = [k for k in known if k.endswith("." + unknown)]
+    return ends_alike or difflib.get_close_matches(unknown, known, n=2)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before anything starts, a config the run cannot do what was asked with: a top-level key the project
+    does not know (``+data.root=...`` for ``task.data.root=...``: it would be ignored), nothing to train, or an
+    unknown ``test_ckpt``."""
+    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        def flat(keys):
+            return {k.rstrip("."): v for k, v in
+                    flat_items(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys))).items()}
+        known = flat([k for k in cfg if k in TOP_LEVEL_KEYS])
+        hints = []
+        for key, value in flat(unknown).items():
+            matches = likely_keys(key, known)
+            hints.append(f"{key}: did you mean {' or '.join(f'{m}={value}' for m in matches)} (without '+')?"
+                         if matches else f"{key}: no such setting.")
+        raise ValueError(f"unknown top-level config key(s) {', '.join(unknown)} (the run would ignore them). "
+                         f"{' '.join(hints)} Top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+    for key in TRAINING_LENGTH_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if node is None or leaf not in node or node[leaf] is None or OmegaConf.is_interpolation(node, leaf):
+            continue
+        value = node[leaf]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value} leaves nothing to train; set {key}=<n>, a whole number >= 1")
+    if cfg.test_ckpt not in ("best", "last"):
+        raise ValueError(f"test_ckpt must be 'best' or 'last', got {cfg.test_ckpt!r}")
+
+
+def run_config(cfg: DictConfig) -> dict:
+    """The config that makes a run this run (its record's ``config``): all but what may vary between attempts."""
+    return OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k not in CONFIG_KEYS_OF_AN_ATTEMPT]), resolve=True)
+
+
+def nan_loss_remedies(cfg: DictConfig, automatic_optimization: bool) -> str:
+    """What to try after a NaN loss, in keys this task's config has: its learning rates and warmup, gradient
+    clipping (the task's own, else Lightning's, which manual optimization such as BigGAN's does not support), fp32."""
+    optim = cfg.task.get("optim") or {}
+    remedies = []
+    rates = [f"task.optim.{k}" for k in optim if k == "lr" or k.endswith("_lr")]
+    if rates:
+        remedies.append(f"a lower learning rate ({', '.join(rates)})")
+    warmups = [f"task.optim.{k}" for k in optim if k.startswith("warmup_") and k.endswith(("_epochs", "_steps"))]
+    if warmups:
+        remedies.append(f"a longer warmup ({', '.join(warmups)})")
+    clip_key = "task.optim.clip_grad_norm" if "clip_grad_norm" in optim else \
+        "trainer.gradient_clip_val" if automatic_optimization else None
+    if clip_key:
+        clip = OmegaConf.select(cfg, clip_key)
+        remedies.append(f"gradient clipping ({clip_key}=1.0{f', now {clip}' if clip else ''})")
+    if not str(cfg.trainer.get("precision", "32")).startswith(("32", "64")):
+        remedies.append("fp32 precision (trainer.precision=32-true)")
+    return "Try " + ", ".join(remedies) if remedies else "Check the task's loss and learning rates"
+
+
+def describe_error(error: BaseException, saved_checkpoint: Path | None, sweep_dir: Path | None = None) -> str:
     text = f"{type(error).__name__}: {error}".rstrip(": ")
     if isinstance(error, (KeyboardInterrupt, SystemExit, SIGTERMException)):
         text = f"interrupted ({text})"
     if saved_checkpoint is not None:
-        text += f"; resume with ckpt_path={saved_checkpoint} (or run the same command into the same dir)"
+        text += (f"; resume by re-running the sweep with +resume={sweep_dir}" if sweep_dir is not None else
+                 f"; resume with ckpt_path={saved_checkpoint} (or run the same command into the same dir)")
     return text
 
 
-def build_callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str, with_logger: bool, beat):
+def build_callbacks(cfg: DictConfig, output_dir: Path, parts, with_logger: bool, beat):
     ckpt_dir = output_dir / "checkpoints"
-    best = BestMetrics(monitor, mode)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}-{step}", monitor=monitor, mode=mode,
-                                 save_last=True, save_top_k=1, auto_insert_metric_name=False)
+    best = BestMetrics(parts.monitor, parts.mode)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}-{step}", monitor=parts.monitor,
+                                 mode=parts.mode, save_last=True, save_top_k=1, auto_insert_metric_name=False)
     crash = CheckpointOnException(ckpt_dir / "on_exception.ckpt")
-    callbacks = [best, checkpoint, crash, FiniteLossCheck(), Heartbeat(beat, cfg.heartbeat_s)]
+    finite = FiniteLossCheck(nan_loss_remedies(cfg, parts.module.automatic_optimization))
+    callbacks = [best, checkpoint, crash, finite, Heartbeat(beat, cfg.heartbeat_s)]
     if with_logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.get("enable_progress_bar", True):
@@ -85,34 +170,82 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, monitor: str, mode: str, 
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
-    """Where an unfinished run goes on from: the newer of its crash checkpoint and its last epoch's checkpoint."""
-    found = [p for p in (output_dir / "checkpoints" / "on_exception.ckpt", output_dir / "checkpoints" / "last.ckpt")
+    """Where an unfinished run goes on from: the newest of its crash checkpoint, its last epoch's and its best
+    epoch's (a full training state too: the way on when a damaged newer one was deleted)."""
+    ckpt_dir = output_dir / "checkpoints"
+    found = [p for p in (ckpt_dir / "on_exception.ckpt", ckpt_dir / "last.ckpt", *sorted(ckpt_dir.glob("best-*.ckpt")))
              if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def flat_items(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in flat_items(sub, f"{prefix}{key}.").items()} or {prefix: {}}
+def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> None:
+    """Refuse a checkpoint that another task or layer wrote (says the record of its run) or that cannot be read
+    (truncated by a run killed while saving it), saying what to pass instead, before Lightning loads it: its own
+    errors list hundreds of state_dict keys, or give an OSError without the file's name."""
+    owner_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
+    owner = read_record(owner_dir) if owner_dir is not None else None
+    if owner is not None and "task" in owner and "norm" in owner:
+        theirs, ours = (owner["task"], owner["norm"]["name"]), (cfg.task.name, cfg.norm.name)
+        if theirs != ours:
+            raise ValueError(
+                f"ckpt_path={ckpt_path} belongs to a run of task={theirs[0]} norm={theirs[1]} ({owner_dir}), not "
+                f"task={ours[0]} norm={ours[1]}: pass a checkpoint of a task={ours[0]} norm={ours[1]} run, or run "
+                f"task={theirs[0]} norm={theirs[1]} to go on with that one")
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
+    try:
+        torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mapped, not read: cheap
+    except Exception as e:
+        others = sorted((p for p in ckpt_path.parent.glob("*.ckpt") if p != ckpt_path), key=lambda p: p.stat().st_mtime)
+        instead = f"ckpt_path={others[-1]}" if others else "ckpt_path=<another checkpoint>, or use a new output dir"
+        raise ValueError(
+            f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"): probably truncated, by a run killed while saving it. Delete it (a re-run into this dir then resumes "
+            f"from the newest checkpoint left) or pass {instead}") from e
 
 
-def previous_attempt(output_dir: Path, config: dict) -> dict | None:
-    """The record an earlier attempt left in ``output_dir``, after checking that it is this run and not alive."""
+def show(value) -> str:
+    return "absent" if value is ABSENT else repr(value)
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """``(changed, added)`` from a stored run config to this one, by flat key: ``changed`` maps a key to its old and
+    new value (a key dropped from the project counts), ``added`` holds the keys the old record lacks: keys added to
+    the project since (e.g. trainer.num_nodes), which the old run had no way to set."""
+    old_flat, new_flat = flat_items(old), flat_items(new)
+    changed = {k.rstrip("."): (v, new_flat.get(k, ABSENT)) for k, v in sorted(old_flat.items())
+               if new_flat.get(k, ABSENT) != v}
+    added = {k.rstrip("."): v for k, v in new_flat.items() if k not in old_flat}
+    return changed, added
+
+
+def previous_attempt(output_dir: Path, config: dict, ckpt_path=None) -> tuple[dict | None, dict]:
+    """The record an earlier attempt left in ``output_dir`` (None: none) and the config keys new since it, after
+    checking that it is this run and not alive. Checkpoints without a readable record are refused unless
+    ``ckpt_path`` says where to go on from: a fresh start beside them would mix two trainings' checkpoints, and
+    resuming them unchecked could go on with another configuration's."""
     previous = read_record(output_dir)
     if previous is None:
-        return None
-    if previous.get("config") is not None and previous["config"] != config:
-        old, new = flat_items(previous["config"]), flat_items(config)
-        differing = sorted(k.rstrip(".") for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise RunDirConflict(f"{output_dir} holds a run of another configuration (differs in {', '.join(differing)}); "
-                         "use a new output or sweep dir, or the command (grid) that made this one")
+        leftover = newest_checkpoint(output_dir)
+        if leftover is not None and not ckpt_path:
+            raise RunDirConflict(
+                f"{output_dir} holds checkpoints but no readable {RESULTS_FILE} saying whose they are. If they are "
+                f"this run's, resume with ckpt_path={leftover} (a grid point of a sweep: run it alone with the same "
+                f"overrides and hydra.run.dir={output_dir}); else use a new output dir")
+        return None, {}
+    changed, added = config_changes(previous["config"], config) if previous.get("config") is not None else ({}, {})
+    if changed:
+        shown = ", ".join(f"{k} (was {show(old)}, now {show(new)})"
+                          for k, (old, new) in list(changed.items())[:SHOWN_DIFFERENCES])
+        more = f" and {len(changed) - SHOWN_DIFFERENCES} more" if len(changed) > SHOWN_DIFFERENCES else ""
+        raise RunDirConflict(f"{output_dir} holds a run of another configuration (differs in {shown}{more}); use a "
+                             "new output or sweep dir, or the command (grid) that made this one")
     if effective_status(previous) == "running":
         raise RunDirConflict(
             f"{output_dir} is being run right now by pid {previous.get('pid')} on {previous.get('host')} (its "
             "heartbeat is fresh); not starting a second copy. If that process is gone, re-run once its heartbeat "
             "is stale, or use a new output dir")
-    return previous
+    return previous, added
 
 
 def attempt_summary(record: dict) -> dict:
@@ -121,13 +254,16 @@ def attempt_summary(record: dict) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_config(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k not in CONFIG_KEYS_OF_AN_ATTEMPT}
+    config = run_config(cfg)
     ckpt_path, previous = cfg.ckpt_path, None
     if rank_zero_only.rank == 0:
-        previous = previous_attempt(output_dir, config)
+        previous, added = previous_attempt(output_dir, config, ckpt_path)
+        if added:
+            log.info("%s: its record predates these config keys, taken at their current values: %s", output_dir,
+                     ", ".join(f"{k}={v}" for k, v in added.items()))
         if previous is not None and previous.get("status") == "completed":
             log.info("skipped: %s completed already (%s)", output_dir / RESULTS_FILE, previous["test"])
             return previous
@@ -147,15 +283,15 @@ def run(cfg: DictConfig) -> dict:
         "config": config,
     }
 
-    def beat():
-        record["heartbeat"] = time.time()
+    def beat(trainer):  # what a SIGKILL leaves: how far the run got too
+        record.update(heartbeat=time.time(), steps=trainer.global_step, epochs=trainer.current_epoch)
         write_record(output_dir, record)
 
     write_record(output_dir, record)
     trainer, crash, exit_code, launch_state = None, None, 1, ddp_launch_state()
     try:
-        if cfg.test_ckpt not in ("best", "last"):
-            raise ValueError(f"test_ckpt must be 'best' or 'last', got {cfg.test_ckpt!r}")
+        if ckpt_path:
+            check_checkpoint(Path(ckpt_path), cfg)
         pl.seed_everything(cfg.seed, workers=True)
         norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
         parts = build_task(cfg.task.name, cfg.task, norm_act)
@@ -166,8 +302,7 @@ def run(cfg: DictConfig) -> dict:
         record.update(model=parts.model, dataset=parts.dataset, monitor=parts.monitor, mode=parts.mode,
                       params=sum(p.numel() for p in parts.module.parameters()))
         loggers = build_loggers(cfg, output_dir, parts.model)
-        best, checkpoint, crash, callbacks = build_callbacks(cfg, output_dir, parts.monitor, parts.mode,
-                                                             bool(loggers), beat)
+        best, checkpoint, crash, callbacks = build_callbacks(cfg, output_dir, parts, bool(loggers), beat)
         relaunch_ddp_as_this_job(output_dir)
         trainer = pl.Trainer(**trainer_arguments(cfg.trainer, parts.module), callbacks=callbacks,
                              logger=loggers or False, default_root_dir=output_dir)
@@ -180,7 +315,8 @@ def run(cfg: DictConfig) -> dict:
         record.update(getattr(parts.module, "record_extras", dict)())  # task-specific entries of the record
         record["status"], exit_code = "completed", 0
     except BaseException as e:
-        record.update(status="failed", error=describe_error(e, crash.path if crash and crash.saved else None))
+        record.update(status="failed", error=describe_error(e, crash.path if crash and crash.saved else None,
+                                                            multirun_sweep_dir()))
         if isinstance(e, SIGTERMException):  # a SystemExit with code 0: exit as killed by SIGTERM instead
             raise SystemExit(128 + signal.SIGTERM) from e
         raise

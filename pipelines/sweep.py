@@ -1,4 +1,5 @@
-"""Hydra multirun glue: which sweep a job belongs to, DDP inside a sweep, and the report at the end of a sweep."""
+"""Hydra multirun glue: which sweep a job belongs to, DDP inside a sweep, the check of every grid point before a
+sweep starts, and the report at its end."""
 from __future__ import annotations
 
 import logging
@@ -8,16 +9,20 @@ import sys
 from pathlib import Path
 
 import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
 MAX_EXIT_STATUS = 125  # higher exit codes mean "killed by a signal" to shells
 # what Lightning's DDP launcher sets in the launching process's environment and leaves there
 DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
 RANK_EXIT_TIMEOUT_S = 60
+SHOWN_REFUSALS = 5  # a refused sweep names this many grid points, then counts the rest
 
 
 def multirun_sweep_dir() -> Path | None:
@@ -82,9 +87,49 @@ def end_ddp_job(trainer, launch_state: dict) -> None:
     torch.set_num_threads(launch_state["threads"])
 
 
+def grid_jobs(config: DictConfig):
+    """Yields ``(job overrides, output dir, job config)`` for every grid point of this multirun, composed as Hydra's
+    basic sweeper and launchers compose them (the job config without its ``hydra`` node, as the job gets it).
+    Yields nothing under another sweeper, whose grid is its own."""
+    if OmegaConf.select(config, "hydra.sweeper._target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        log.info("sweeper %s: its grid points are checked as each job starts", config.hydra.sweeper.get("_target_"))
+        return
+    loader = GlobalHydra.instance().config_loader()
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides([*params, *config.hydra.overrides.task])
+    batches = BasicSweeper.split_arguments(parsed, config.hydra.sweeper.get("max_batch_size"))
+    for num, overrides in enumerate(job for batch in batches for job in batch):
+        job_cfg = loader.load_sweep_config(config, list(overrides))
+        with open_dict(job_cfg):
+            job_cfg.hydra.job.num = job_cfg.hydra.job.id = num
+        output_dir = Path(str(config.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
+        with read_write(job_cfg), open_dict(job_cfg):
+            del job_cfg["hydra"]
+        yield overrides, output_dir, job_cfg
+
+
 class TransferReportCallback(Callback):
-    """At the end of every multirun: write the transfer report of the sweep dir, and exit with the number of grid
-    points that did not complete (failed, dead or missing) as the status, so that scripts and CI notice."""
+    """Before every multirun: check each grid point's config and, where its output dir exists (a re-run sweep,
+    ``+resume=<sweep dir>``), that the dir holds no other configuration's run, no live one and no checkpoints without
+    a readable record; if one fails, refuse the sweep before any job starts (exit status 1). At its end: write the
+    transfer report of the sweep dir, and exit with the number of grid points that did not complete (failed, dead or
+    missing) as the status, so that scripts and CI notice."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from pipelines.run import RunDirConflict, check_config, previous_attempt, run_config  # the training stack
+
+        refusals = []
+        for overrides, output_dir, job_cfg in grid_jobs(config):
+            try:
+                check_config(job_cfg)
+                previous_attempt(output_dir, run_config(job_cfg), job_cfg.ckpt_path)
+            except (ValueError, RunDirConflict) as e:
+                refusals.append(f"{' '.join(overrides)}: {type(e).__name__}: {e}")
+        if refusals:
+            more = len(refusals) - SHOWN_REFUSALS
+            log.error("%d grid point(s) of this sweep cannot run; no job started:\n  %s%s", len(refusals),
+                      "\n  ".join(refusals[:SHOWN_REFUSALS]), f"\n  and {more} more" if more > 0 else "")
+            sys.exit(1)  # Hydra turns a callback's exceptions into warnings and goes on
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from pipelines.report import write_report  # matplotlib etc. only when a sweep ends

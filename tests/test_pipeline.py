@@ -1,6 +1,9 @@
 """The run pipeline end to end on tiny real data: every layer trains, records are written, failures and resume."""
+import copy
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -9,12 +12,16 @@ import time
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+import pipelines.run
 from evonorm import NORM_ACT_NAMES
 from pipelines.callbacks import FiniteLossCheck
 from pipelines.records import write_record
-from pipelines.run import RunDirConflict, newest_checkpoint, run
-from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
+from pipelines.run import (TOP_LEVEL_KEYS, RunDirConflict, describe_error, nan_loss_remedies, newest_checkpoint, run,
+                           run_config)
+from tests.conftest import CONF_DIR, REPO_ROOT, SMOKE_OVERRIDES
 
 RECORD_KEYS = {"status", "task", "norm", "model", "dataset", "seed", "test", "best_val", "steps", "epochs",
                "wall_time_s", "params", "git_commit", "error"}
@@ -22,6 +29,16 @@ RECORD_KEYS = {"status", "task", "norm", "model", "dataset", "seed", "test", "be
 
 def read_record(path):
     return json.loads((path / "results.json").read_text())
+
+
+def compose_task(*overrides):
+    """The config of `python run.py <overrides>` (any task; compose_cfg's tiny settings are classification's)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def has_key(cfg, key: str) -> bool:
+    return OmegaConf.select(cfg, key, default=KeyError) is not KeyError
 
 
 @pytest.mark.parametrize("norm", NORM_ACT_NAMES)
@@ -68,25 +85,82 @@ def crash_at_step(monkeypatch, step):
 
 
 def test_rerun_in_the_same_dir_skips_completed_and_resumes_killed(compose_cfg, tmp_path, monkeypatch):
-    """A run killed with SIGKILL leaves `running` with a pid that is gone: a re-run resumes it from last.ckpt."""
+    """A run killed with SIGKILL leaves its last heartbeat's record (`running`, how far it got, a pid that is gone):
+    a re-run resumes it from last.ckpt."""
     cfg = compose_cfg("norm=b0", "task.epochs=2", "heartbeat_s=0")
     crash_at_step(monkeypatch, 12)  # mid epoch 2, after last.ckpt of epoch 1 (step 8)
+    written = []
+    write = pipelines.run.write_record
+    monkeypatch.setattr(pipelines.run, "write_record", lambda d, record: (
+        written.append(json.loads(json.dumps(record, default=str))), write(d, record)))
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     crashed = read_record(tmp_path)
     assert crashed["status"] == "failed" and "resume with ckpt_path=" in crashed["error"]
     assert crashed["heartbeat"] > crashed["started_at"]
-    # what SIGKILL would have left: no crash checkpoint, a `running` record of a process that is gone
+    # what SIGKILL would have left: no crash checkpoint, the last heartbeat's record, of a process that is gone
+    killed = written[-2]
+    assert (killed["status"], killed["steps"], killed["epochs"]) == ("running", 11, 1)
     (tmp_path / "checkpoints" / "on_exception.ckpt").unlink()
     gone = subprocess.Popen(["true"])
     gone.wait()
-    write_record(tmp_path, {**crashed, "status": "running", "error": None, "pid": gone.pid})
+    write_record(tmp_path, {**killed, "pid": gone.pid})
     monkeypatch.undo()
     resumed = run(cfg)
     assert resumed["status"] == "completed" and resumed["steps"] == 16
     assert resumed["resumed_from"] == str(tmp_path / "checkpoints" / "last.ckpt")
-    assert [a["status"] for a in resumed["previous_attempts"]] == ["dead"]
+    assert [(a["status"], a["steps"]) for a in resumed["previous_attempts"]] == [("dead", 11)]
     assert run(cfg) == resumed  # completed: skipped, the record stays as it is
+
+
+def test_keys_new_since_a_record_are_taken_real_differences_refused(compose_cfg, tmp_path, caplog):
+    """A key added to the project (trainer.num_nodes) must not make older runs impossible to resume."""
+    cfg = compose_cfg()
+    old = copy.deepcopy(run_config(cfg))
+    del old["trainer"]["num_nodes"]
+    done = {"status": "completed", "task": "classification", "norm": {"name": "b0", "kwargs": {}},
+            "test": {"test/acc1": 0.5}, "config": old}
+    write_record(tmp_path, done)
+    with caplog.at_level(logging.INFO, logger="pipelines.run"):
+        assert run(cfg) == done  # completed: skipped
+    assert "taken at their current values: trainer.num_nodes=1" in caplog.text
+    old.update(seed=1)
+    old["norm"]["name"], old["task"]["epochs"], old["task"]["optim"]["lr"] = "s0", 3, 0.5
+    write_record(tmp_path, {**done, "config": old})
+    with pytest.raises(RunDirConflict, match=re.escape(
+            "differs in norm.name (was 's0', now 'b0'), seed (was 1, now 0), task.epochs (was 3, now 1) and 1 more")):
+        run(cfg)
+
+
+def test_checkpoints_beside_an_unreadable_record_are_not_trained_over(compose_cfg, tmp_path, caplog):
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({}, tmp_path / "checkpoints" / "last.ckpt")
+    (tmp_path / "results.json").write_text('{"status": "runn')
+    with pytest.raises(RunDirConflict, match="no readable results.json.* resume with ckpt_path=.*last.ckpt"):
+        run(compose_cfg())
+    assert f"{tmp_path / 'results.json'} cannot be read" in caplog.text
+    assert (tmp_path / "results.json").read_text() == '{"status": "runn'
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    (["+data.root=/nonexistent"], "task.data.root", "did you mean task.data.root=/nonexistent (without '+')"),
+    (["+sed=1"], "seed", "did you mean seed=1"),
+    (["task.epochs=0"], "task.epochs", "task.epochs=0 leaves nothing to train"),
+    (["task=biggan", "task.epochs=-1"], "task.epochs", "task.epochs=-1 leaves nothing to train"),
+    (["task=maskrcnn", "task.steps=-5"], "task.steps", "task.steps=-5 leaves nothing to train"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs", "trainer.max_epochs=0 leaves nothing to train"),
+    (["test_ckpt=final"], "test_ckpt", "test_ckpt must be 'best' or 'last'"),
+], ids=["+data.root", "+sed", "epochs=0", "biggan-epochs=-1", "maskrcnn-steps=-5", "max_epochs=0", "test_ckpt"])
+def test_config_mistakes_are_refused_before_anything_starts(overrides, key, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(compose_task(*overrides, f"output_dir={tmp_path}"))
+    assert has_key(compose_task(*[o for o in overrides if o.startswith("task=")]), key)  # an override that works
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_top_level_keys_are_those_of_the_config(compose_cfg):
+    for overrides in ([], ["experiment=transfer_demo", "task=maskrcnn"], ["experiment=maskrcnn_r50_fpn_coco"]):
+        assert set(compose_task(*overrides, "+resume=x")) == set(TOP_LEVEL_KEYS)
 
 
 def test_a_live_run_or_another_configuration_is_not_overwritten(compose_cfg, tmp_path):
@@ -130,10 +204,55 @@ def test_sync_batchnorm_keeps_the_activation(compose_cfg):
     assert type(reverted[1]) is BatchNormAct2d and isinstance(reverted[1].act, nn.ReLU)
 
 
-def test_bad_test_ckpt_is_rejected(compose_cfg, tmp_path):
-    with pytest.raises(ValueError, match="test_ckpt must be 'best' or 'last'"):
-        run(compose_cfg("test_ckpt=final"))
-    assert read_record(tmp_path)["status"] == "failed"
+@pytest.mark.parametrize("task, automatic_optimization, named", [
+    ("classification", True, ["task.optim.lr", "task.optim.warmup_epochs", "trainer.gradient_clip_val=1.0"]),
+    ("biggan", False, ["task.optim.g_lr", "task.optim.d_lr"]),  # manual optimization: Lightning cannot clip
+    ("maskrcnn", True, ["task.optim.lr", "task.optim.warmup_steps", "task.optim.clip_grad_norm=1.0"]),
+])
+def test_nan_loss_remedies_fit_the_task(task, automatic_optimization, named):
+    cfg = compose_task(f"task={task}", "trainer=gpu")
+    remedies = nan_loss_remedies(cfg, automatic_optimization)
+    for key in named + ["trainer.precision=32-true"]:
+        assert key in remedies
+    assert ("gradient_clip_val" in remedies) == (task == "classification")
+    for key in re.findall(r"\b(?:task|trainer)\.[\w.]*\w", remedies):
+        assert has_key(cfg, key), key
+
+
+def test_checkpoint_of_another_task_or_layer_is_refused_by_name(compose_cfg, tmp_path):
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}}, other / "checkpoints" / "last.ckpt")
+    write_record(other, {"status": "completed", "task": "maskrcnn", "norm": {"name": "s0", "kwargs": {}}})
+    with pytest.raises(ValueError, match=f"belongs to a run of task=maskrcnn norm=s0 \\({other}\\)"):
+        run(compose_cfg(f"ckpt_path={other / 'checkpoints' / 'last.ckpt'}", output_dir=tmp_path / "run"))
+    error = read_record(tmp_path / "run")["error"]
+    assert "not task=classification norm=b0" in error and len(error) < 400
+
+
+def test_truncated_checkpoint_is_named_with_the_way_on(compose_cfg, tmp_path):
+    cfg = compose_cfg()
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    best = ckpt_dir / "best-0-8.ckpt"
+    torch.save({"weights": torch.zeros(1000)}, best)
+    os.utime(best, (1, 1))
+    (ckpt_dir / "last.ckpt").write_bytes(best.read_bytes()[:1000])  # killed while saving
+    write_record(tmp_path, {"status": "failed", "task": "classification", "norm": {"name": "b0", "kwargs": {}},
+                            "config": run_config(cfg)})
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt_dir / 'last.ckpt'} cannot be read .*Delete it .* "
+                                         f"or pass ckpt_path={best}"):
+        run(cfg)
+    (ckpt_dir / "last.ckpt").unlink()
+    assert newest_checkpoint(tmp_path) == best
+
+
+def test_interrupted_sweep_job_says_how_to_resume_the_sweep(tmp_path):
+    saved = tmp_path / "0-classification-b0-s0" / "checkpoints" / "on_exception.ckpt"
+    assert f"resume with ckpt_path={saved}" in describe_error(KeyboardInterrupt(), saved)
+    in_sweep = describe_error(KeyboardInterrupt(), saved, sweep_dir=tmp_path)
+    assert in_sweep.startswith("interrupted") and f"re-running the sweep with +resume={tmp_path}" in in_sweep
+    assert "ckpt_path" not in in_sweep
 
 
 def test_nan_loss_stops_with_clear_error(compose_cfg, tmp_path):

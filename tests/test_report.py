@@ -119,6 +119,11 @@ def test_failed_dead_running_and_missing_runs_are_shown(tmp_path):
     assert report.unfinished_count() == 5
     md = (tmp_path / "transfer.md").read_text()
     assert "| s0 | 1 failed, 1 dead |" in md and "0.88 (n=1); 1 missing" in md
+    # under the table, each run that did not complete: what happened and where
+    assert f"- classification / s0 / seed 0: failed: NonFiniteLossError: ... (`{tmp_path / 'c'}`)" in md
+    assert "- classification / s0 / seed 1: dead (killed: its process is gone or its heartbeat stopped) at step 10" \
+        in md
+    assert f"(`{tmp_path / 'd'}`)" in md and f"- classification / b0 / seed 0: running (pid {os.getpid()}" in md
 
 
 def test_records_without_monitor_get_a_clear_note(tmp_path):

@@ -97,7 +97,12 @@ def test_transfer_sweep_report_failures_and_rerun(tmp_path):
         assert float(rows[norm][f"{task}.mean"]) == record["test"][metric]
         assert rows[norm][f"{task}.n"] == "1" and rows[norm][f"{task}.outcomes"] == "1 completed"
     assert (sweep_dir / "transfer.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| not_a_layer | 1 failed |" in (sweep_dir / "transfer.md").read_text()
+    report = (sweep_dir / "transfer.md").read_text()
+    assert "| not_a_layer | 1 failed |" in report
+    # under the table: where each failed run is, and why
+    failed_dir = next(sweep_dir.glob("*-classification-not_a_layer-s0"))
+    assert "- classification / not_a_layer / seed 0: failed: ValueError: unknown" in report
+    assert f"(`{failed_dir}`)" in report
 
     second = sweep(tmp_path, f"+resume={sweep_dir}")
     assert second.returncode == 2, second.stderr[-3000:]
@@ -105,6 +110,24 @@ def test_transfer_sweep_report_failures_and_rerun(tmp_path):
     for (task, norm), record in records.items():
         again = json.loads(next(sweep_dir.glob(f"*-{task}-{norm}-s0/results.json")).read_text())
         assert (again == record) == (norm != "not_a_layer")  # completed kept as is, failed ones retried
+
+
+def test_resumed_sweep_with_a_dir_of_another_configuration_is_refused_before_any_job(tmp_path):
+    """Every grid point is checked before the first job: a conflict refuses the whole sweep, nothing half-runs."""
+    write_tiny_study(tmp_path / "conf", ["classification"], ["bn_relu", "s0"])
+    sweep_dir = tmp_path / "sweep"
+    stale = sweep_dir / "1-classification-s0-s0"
+    stale.mkdir(parents=True)
+    (stale / "results.json").write_text(json.dumps({
+        "status": "failed", "task": "classification", "norm": {"name": "s0", "kwargs": {}}, "seed": 0,
+        "config": {"task": {"name": "classification", "epochs": 5}, "trainer": {"num_nodes": 2}}}))
+    out = sweep(tmp_path, f"+resume={sweep_dir}")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "1 grid point(s) of this sweep cannot run; no job started" in out.stdout
+    assert f"norm=s0 task=classification experiment=tiny_study +resume={sweep_dir}: RunDirConflict: {stale} holds " \
+           "a run of another configuration (differs in task.epochs (was 5, now 1), trainer.num_nodes (was 2, now 1))" \
+           in out.stdout
+    assert not (sweep_dir / "0-classification-bn_relu-s0").exists()
 
 
 def test_submitit_local_launcher_runs_one_process_per_job(tmp_path):

@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from pipelines.run import RunDirConflict, run  # after Hydra has parsed the command line: --help stays fast
-    from pipelines.sweep import multirun_sweep_dir
+    from pipelines.sweep import multirun_sweep_dir, refuse_job
 
     try:
         run(cfg)
@@ -18,10 +18,10 @@ def main(cfg: DictConfig) -> None:
         if multirun_sweep_dir() is None:
             raise
         # a sweep goes on: the job's results.json says why it failed, the report at the end and the sweep's exit
-        # status count it. A refused dir (checked before the sweep started; a run begun there since) keeps its
-        # record: this log says why
+        # status count it. A refused dir (checked before the sweep started; a run begun there since) keeps the
+        # other run's record
         if isinstance(e, RunDirConflict):
-            log.error("job refused: %s; the sweep goes on", e)
+            refuse_job(e)
         else:
             log.exception("job failed; the sweep goes on")
 

@@ -30,6 +30,7 @@ from pipelines.sweep import (ddp_launch_state, end_ddp_job, multirun_job_num, mu
                              relaunch_ddp_as_this_job)
 from pipelines.sync_batchnorm import trainer_arguments
 from tasks import build_task
+from tasks.common.checks import first_of
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -235,10 +236,9 @@ def previous_attempt(output_dir: Path, config: dict, ckpt_path=None) -> tuple[di
         return None, {}
     changed, added = config_changes(previous["config"], config) if previous.get("config") is not None else ({}, {})
     if changed:
-        shown = ", ".join(f"{k} (was {show(old)}, now {show(new)})"
-                          for k, (old, new) in list(changed.items())[:SHOWN_DIFFERENCES])
-        more = f" and {len(changed) - SHOWN_DIFFERENCES} more" if len(changed) > SHOWN_DIFFERENCES else ""
-        raise RunDirConflict(f"{output_dir} holds a run of another configuration (differs in {shown}{more}); use a "
+        shown = first_of([f"{k} (was {show(old)}, now {show(new)})" for k, (old, new) in changed.items()],
+                         SHOWN_DIFFERENCES)
+        raise RunDirConflict(f"{output_dir} holds a run of another configuration (differs in {shown}); use a "
                              "new output or sweep dir, or the command (grid) that made this one")
     if effective_status(previous) == "running":
         raise RunDirConflict(

@@ -17,12 +17,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from tasks.common.checks import first_of
+
 log = logging.getLogger(__name__)
 MAX_EXIT_STATUS = 125  # higher exit codes mean "killed by a signal" to shells
 # what Lightning's DDP launcher sets in the launching process's environment and leaves there
 DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
 RANK_EXIT_TIMEOUT_S = 60
 SHOWN_REFUSALS = 5  # a refused sweep names this many grid points, then counts the rest
+REFUSED_JOBS_FILE = "refused_jobs.txt"  # in the sweep dir: "<job dir>\t<why>" per job refused at its start
 
 
 def multirun_sweep_dir() -> Path | None:
@@ -87,6 +90,20 @@ def end_ddp_job(trainer, launch_state: dict) -> None:
     torch.set_num_threads(launch_state["threads"])
 
 
+def refuse_job(error: Exception) -> None:
+    """Note a job of this multirun refused at its start (a run begun in its dir since the sweep's check). Its dir
+    holds another run's record, which the report may take for this grid point's: the sweep's end counts the note.
+    A file, not memory: a launcher may run each job in a process of its own."""
+    with open(multirun_sweep_dir() / REFUSED_JOBS_FILE, "a") as notes:
+        notes.write(f"{Path(HydraConfig.get().runtime.output_dir).resolve()}\t{error}\n")
+    log.error("job refused: %s; the sweep goes on", error)
+
+
+def refused_job_dirs(sweep_dir: Path) -> set[Path]:
+    notes = sweep_dir / REFUSED_JOBS_FILE
+    return {Path(line.split("\t", 1)[0]) for line in notes.read_text().splitlines()} if notes.is_file() else set()
+
+
 def grid_jobs(config: DictConfig):
     """Yields ``(job overrides, output dir, job config)`` for every grid point of this multirun, composed as Hydra's
     basic sweeper and launchers compose them (the job config without its ``hydra`` node, as the job gets it).
@@ -109,26 +126,31 @@ def grid_jobs(config: DictConfig):
 
 
 class TransferReportCallback(Callback):
-    """Before every multirun: check each grid point's config and, where its output dir exists (a re-run sweep,
-    ``+resume=<sweep dir>``), that the dir holds no other configuration's run, no live one and no checkpoints without
-    a readable record; if one fails, refuse the sweep before any job starts (exit status 1). At its end: write the
-    transfer report of the sweep dir, and exit with the number of grid points that did not complete (failed, dead or
-    missing) as the status, so that scripts and CI notice."""
+    """Before every multirun: check each grid point's config, that no two share an output dir and, where its output
+    dir exists (a re-run sweep, ``+resume=<sweep dir>``), that the dir holds no other configuration's run, no live one
+    and no checkpoints without a readable record; if one fails, refuse the sweep before any job starts (exit status
+    1). At its end: write the transfer report of the sweep dir, and exit with the number of grid points that did not
+    complete (failed, dead, missing, or refused at their start) as the status, so that scripts and CI notice."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from pipelines.run import RunDirConflict, check_config, previous_attempt, run_config  # the training stack
 
-        refusals = []
+        (Path(config.hydra.sweep.dir) / REFUSED_JOBS_FILE).unlink(missing_ok=True)  # an earlier invocation's
+        refusals, first_at = [], {}
         for overrides, output_dir, job_cfg in grid_jobs(config):
+            if output_dir in first_at:  # the later job would find the earlier one's run there and be refused
+                refusals.append(f"{' '.join(overrides)}: shares its output dir {output_dir} with "
+                                f"{' '.join(first_at[output_dir])}; name every swept key in hydra.sweep.subdir")
+                continue
+            first_at[output_dir] = overrides
             try:
                 check_config(job_cfg)
                 previous_attempt(output_dir, run_config(job_cfg), job_cfg.ckpt_path)
             except (ValueError, RunDirConflict) as e:
                 refusals.append(f"{' '.join(overrides)}: {type(e).__name__}: {e}")
         if refusals:
-            more = len(refusals) - SHOWN_REFUSALS
-            log.error("%d grid point(s) of this sweep cannot run; no job started:\n  %s%s", len(refusals),
-                      "\n  ".join(refusals[:SHOWN_REFUSALS]), f"\n  and {more} more" if more > 0 else "")
+            log.error("%d grid point(s) of this sweep cannot run; no job started:\n  %s", len(refusals),
+                      first_of(refusals, SHOWN_REFUSALS, sep="\n  "))
             sys.exit(1)  # Hydra turns a callback's exceptions into warnings and goes on
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -138,7 +160,9 @@ class TransferReportCallback(Callback):
         logger = config.get("logger", {})
         report = write_report([sweep_dir], sweep_dir, reference=config.report.reference,
                               wandb_logger=logger if logger.get("name") == "wandb" else None)
-        failures = report.unfinished_count()
+        refused = refused_job_dirs(sweep_dir) - {Path(r["_dir"]).resolve() for r in report.unfinished}
+        failures = report.unfinished_count() + len(refused)
         if failures:
-            log.error("%d grid point(s) of the sweep did not complete; see %s", failures, sweep_dir / "transfer.md")
+            log.error("%d grid point(s) of the sweep did not complete; see %s%s", failures, sweep_dir / "transfer.md",
+                      f" and {sweep_dir / REFUSED_JOBS_FILE}" if refused else "")
             sys.exit(min(failures, MAX_EXIT_STATUS))

@@ -202,13 +202,13 @@ def test_foreign_coco_set_trains_and_evaluates_through_the_pipeline(tmp_path, ca
 def test_broken_json_and_missing_image_name_the_file(tmp_path):
     ann = write_foreign_coco(tmp_path / "broken", bad_annotation=True)
     with pytest.raises(DatasetError, match=f"{ann}.*not valid JSON"):
-        read_coco(Split(tmp_path / "broken" / "images", ann))
+        read_coco(Split(tmp_path / "broken" / "images", ann, "train"))
     ann = write_foreign_coco(tmp_path / "ok")
     (tmp_path / "ok" / "images" / "p2.png").unlink()
     with pytest.raises(DatasetError, match="p2.png"):
-        read_coco(Split(tmp_path / "ok" / "images", ann))
-    with pytest.raises(DatasetError, match="nothing.json"):
-        read_coco(Split(tmp_path / "ok" / "images", tmp_path / "nothing.json"))
+        read_coco(Split(tmp_path / "ok" / "images", ann, "train"))
+    with pytest.raises(DatasetError, match="nothing.json not found; give task.data.train_ann="):
+        read_coco(Split(tmp_path / "ok" / "images", tmp_path / "nothing.json", "train"))
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +239,13 @@ BROKEN_ANNOTATION_FILES = {
     "all crowd": (all_annotations(lambda a: a.update(iscrowd=1)), "train", r"dropped: 7 crowd regions", {}),
     "val without annotations": (lambda c: c.update(annotations=[]), "val", "no annotation that COCO AP", {}),
     "val crowd only": (all_annotations(lambda a: a.update(iscrowd=1)), "val", "crowd regions only mark", {}),
+    "repeated image id": (lambda c: c["images"][3].update(id=1), "train",
+                          r"1 images ids are used more than once \(1\): give every entry its own id", {}),
+    "repeated annotation id": (lambda c: c["annotations"][1].update(id=1), "val",
+                               r"1 annotations ids are used more than once \(1\)", {}),
+    "val image of another size": (lambda c: c["images"][2].update(height=80, width=64), "val",
+                                  r"1 of the 4 evaluated val images differ from .*: p3.png is 64x80, annotated 80x64",
+                                  {}),
     "val_size images unannotated": (lambda c: c.update(annotations=[a for a in c["annotations"] if a["image_id"] > 2]),
                                     "val", r"first 2 val images .*task.data.val_size=2", {"val_size": 2}),
 }
@@ -271,6 +278,20 @@ def test_undecodable_image_is_named_at_its_step(foreign_coco, tmp_path):
     data = DetectionData(name="coco", steps=2, batch_size=2, **paths)
     data.train_set[0]  # the others decode
     with pytest.raises(DatasetError, match=rf"image {png} \(image id 2\) cannot be decoded .*truncated.*replace"):
+        data.train_set[1]
+
+
+def test_train_image_of_another_size_is_named_at_its_step(foreign_coco, tmp_path):
+    images, content = foreign_coco
+    (tmp_path / "val.json").write_text(json.dumps(content))
+    content = json.loads(json.dumps(content))
+    content["images"][1].update(height=32, width=40)
+    (tmp_path / "train.json").write_text(json.dumps(content))
+    data = DetectionData(name="coco", steps=2, batch_size=2, train_images=str(images), val_images=str(images),
+                         train_ann=str(tmp_path / "train.json"), val_ann=str(tmp_path / "val.json"))
+    data.train_set[0]
+    with pytest.raises(DatasetError, match=rf"image {images / 'p2.png'} \(image id 2\) is 64x80 but annotated "
+                                           "32x40; fix its height and width"):
         data.train_set[1]
 
 

@@ -128,7 +128,7 @@ def test_keys_new_since_a_record_are_taken_real_differences_refused(compose_cfg,
     old["norm"]["name"], old["task"]["epochs"], old["task"]["optim"]["lr"] = "s0", 3, 0.5
     write_record(tmp_path, {**done, "config": old})
     with pytest.raises(RunDirConflict, match=re.escape(
-            "differs in norm.name (was 's0', now 'b0'), seed (was 1, now 0), task.epochs (was 3, now 1) and 1 more")):
+            "differs in norm.name (was 's0', now 'b0'), seed (was 1, now 0), task.epochs (was 3, now 1), and 1 more")):
         run(cfg)
 
 

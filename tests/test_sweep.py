@@ -9,8 +9,12 @@ import sys
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from pipelines.run import RunDirConflict
+from pipelines.sweep import TransferReportCallback, refuse_job
 from tasks import TASKS
 from tests.conftest import CONF_DIR, REPO_ROOT
 
@@ -128,6 +132,39 @@ def test_resumed_sweep_with_a_dir_of_another_configuration_is_refused_before_any
            "a run of another configuration (differs in task.epochs (was 5, now 1), trainer.num_nodes (was 2, now 1))" \
            in out.stdout
     assert not (sweep_dir / "0-classification-bn_relu-s0").exists()
+
+
+def test_grid_points_sharing_an_output_dir_are_refused_before_any_job(tmp_path):
+    write_tiny_study(tmp_path / "conf", ["classification"], ["bn_relu", "s0"])
+    out = sweep(tmp_path, f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=${task.name}")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert f"norm=s0 task=classification experiment=tiny_study: shares its output dir {tmp_path / 'sweep'}/" \
+           "classification with norm=bn_relu task=classification experiment=tiny_study; name every swept key in " \
+           "hydra.sweep.subdir" in out.stdout
+    assert not (tmp_path / "sweep" / "classification").exists()
+
+
+def test_a_job_refused_at_its_start_counts_in_the_exit_status(tmp_path):
+    """A run begun in a job's dir after the sweep's check refuses the job, and the report may take that run's record
+    for this grid point's: the refusal itself is counted, once per sweep invocation."""
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    callback = TransferReportCallback()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the multirun's Hydra, as run.py -m has it
+        cfg = compose("config", overrides=[f"hydra.sweep.dir={sweep_dir}", "logger=none"], return_hydra_config=True)
+        cfg.hydra.mode, cfg.hydra.runtime.output_dir = RunMode.MULTIRUN, str(sweep_dir / "0-job")
+        HydraConfig.instance().set_config(cfg)
+        try:
+            callback.on_multirun_start(cfg)
+            refuse_job(RunDirConflict("begun by another process"))
+            with pytest.raises(SystemExit) as status:
+                callback.on_multirun_end(cfg)
+            assert status.value.code == 1
+            assert (sweep_dir / "refused_jobs.txt").read_text() == f"{sweep_dir / '0-job'}\tbegun by another process\n"
+            callback.on_multirun_start(cfg)  # a new invocation: nothing refused yet
+            callback.on_multirun_end(cfg)
+        finally:
+            HydraConfig.instance().cfg = None  # later tests run outside any Hydra job
 
 
 def test_submitit_local_launcher_runs_one_process_per_job(tmp_path):

@@ -1,4 +1,4 @@
-"""Range checks of a task's settings, raised before any data is read, naming the override that fixes them."""
+"""Checks of a task's settings and data, raised before any data is read or training starts, naming what fixes them."""
 from __future__ import annotations
 
 
@@ -7,3 +7,9 @@ def require_positive(prefix: str, **values: int | None) -> None:
     bad = [f"{prefix}.{key}={value}" for key, value in values.items() if value is not None and value <= 0]
     if bad:
         raise ValueError(f"{', '.join(bad)}: must be positive")
+
+
+def first_of(items: list, shown: int = 5, sep: str = ", ") -> str:
+    """The first ``shown`` items joined by ``sep``, then how many more: an error stays readable for any count."""
+    more = f"{sep}and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(map(str, items[:shown])) + more

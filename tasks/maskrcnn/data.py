@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from tasks.common.checks import require_positive
+from tasks.common.checks import first_of, require_positive
 from tasks.common.datasets import DatasetError
 from tasks.common.sampling import draws_for_all_ranks
 
@@ -35,15 +37,16 @@ TARGET_KEYS = ("image_id", "boxes", "masks", "labels")
 class Split:
     images: Path
     annotations: Path
+    name: str  # train or val: the task.data.<name>_images / <name>_ann keys that give it
 
 
 def read_coco(split: Split) -> CocoDetection:
     """``CocoDetection`` over ``split``, with errors that name the file at fault."""
     if not split.annotations.is_file():
-        raise DatasetError(f"annotation file {split.annotations} not found; give task.data.<split>_ann=<instances "
-                           "JSON> (COCO format)")
+        raise DatasetError(f"annotation file {split.annotations} not found; give task.data.{split.name}_ann="
+                           "<instances JSON> (COCO format)")
     if not split.images.is_dir():
-        raise DatasetError(f"image folder {split.images} not found; give task.data.<split>_images=<folder>")
+        raise DatasetError(f"image folder {split.images} not found; give task.data.{split.name}_images=<folder>")
     try:
         content = json.loads(split.annotations.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -57,10 +60,6 @@ def read_coco(split: Split) -> CocoDetection:
         raise DatasetError(f"{len(missing)} images listed in {split.annotations} are missing from {split.images}, "
                            f"e.g. {split.images / missing[0]}")
     return dataset
-
-
-def listed(ids: list) -> str:
-    return ", ".join(map(str, ids[:5])) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
 def bad_fields(entry, needs: tuple[str, ...]) -> list[str]:
@@ -106,20 +105,43 @@ def check_coco_entries(content, path: Path) -> None:
         bad = [f"{entry_name(i, e)} ({', '.join(faults)})" for i, e in enumerate(entries)
                if (faults := bad_fields(e, needs))]
         if bad:
-            problems.append(f"{len(bad)} {kind} with a missing or bad field: {listed(bad)}")
+            problems.append(f"{len(bad)} {kind} with a missing or bad field: {first_of(bad)}")
     if problems:  # the cross-references below need these fields
         raise DatasetError(f"{path} has incomplete entries; add or fix the fields named (ids: integers, "
                            f"height and width: positive): {'; '.join(problems)}")
+    for kind, entries in (("images", images), ("categories", categories), ("annotations", annotations)):
+        # pycocotools keeps the last entry of an id: the others would vanish without a word
+        repeated = sorted((i for i, n in Counter(e["id"] for e in entries).items() if n > 1), key=str)
+        if repeated:
+            problems.append(f"{len(repeated)} {kind} ids are used more than once ({first_of(repeated)}): give every "
+                            "entry its own id")
     for field, known, fix in (("image_id", {e["id"] for e in images}, "add those images"),
                               ("category_id", {e["id"] for e in categories}, "add those categories")):
         strays = [a for a in annotations if a[field] not in known]
         if strays:
             problems.append(f"{len(strays)} annotations name a {field} that is not listed (annotation ids "
-                            f"{listed([a['id'] for a in strays])} with {field} "
-                            f"{listed(sorted({a[field] for a in strays}, key=str))}): {fix} or fix or delete the "
+                            f"{first_of([a['id'] for a in strays])} with {field} "
+                            f"{first_of(sorted({a[field] for a in strays}, key=str))}): {fix} or fix or delete the "
                             "annotations")
     if problems:
         raise DatasetError(f"{path}: {'; '.join(problems)}")
+
+
+def annotated_size_faults(coco: CocoDetection, image_ids) -> list[str]:
+    """Images among ``image_ids`` whose file is not the annotated height x width (or cannot be read): COCOeval
+    rasterises ground truth at the annotated size and predictions at the real one, and fails on the pair."""
+    faults = []
+    for image_id in image_ids:
+        info = coco.coco.imgs[image_id]
+        try:
+            with Image.open(Path(coco.root) / info["file_name"]) as image:  # reads the header only
+                width, height = image.size
+        except OSError as e:
+            faults.append(f"{info['file_name']} cannot be read ({e})")
+            continue
+        if (height, width) != (info["height"], info["width"]):
+            faults.append(f"{info['file_name']} is {height}x{width}, annotated {info['height']}x{info['width']}")
+    return faults
 
 
 def drop_unusable_annotations(dataset: CocoDetection, where: Path, keep_crowd: bool) -> dict[str, int]:
@@ -175,16 +197,20 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.wrapped)
 
     def __getitem__(self, index):
+        info = self.coco.coco.imgs[self.coco.ids[index]]
         try:
             image, target = self.wrapped[index]
         except OSError as e:  # PIL's truncated or unidentified image; its message does not name the file
-            info = self.coco.coco.imgs[self.coco.ids[index]]
             raise DatasetError(f"image {Path(self.coco.root) / info['file_name']} (image id {info['id']}) cannot "
                                f"be decoded ({e}); replace the file, or delete that image and its annotations "
                                "from the annotation file") from e
         image = tv_tensors.Image(v2.functional.pil_to_tensor(image) if not isinstance(image, torch.Tensor)
                                  else image)
         size = tuple(image.shape[-2:])
+        if size != (info["height"], info["width"]):  # masks would be drawn on a canvas of another size
+            raise DatasetError(f"image {Path(self.coco.root) / info['file_name']} (image id {info['id']}) is "
+                               f"{size[0]}x{size[1]} but annotated {info['height']}x{info['width']}; fix its height "
+                               "and width in the annotation file")
         if "boxes" not in target:  # an image without annotations: a negative
             target.update(boxes=tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size),
                           masks=tv_tensors.Mask(torch.zeros(0, *size, dtype=torch.uint8)),
@@ -252,6 +278,11 @@ class DetectionData(pl.LightningDataModule):
         train_dropped = drop_unusable_annotations(self.train_coco, self.splits["train"].annotations, keep_crowd=False)
         val_dropped = drop_unusable_annotations(self.val_coco, self.splits["val"].annotations, keep_crowd=True)
         self.require_ground_truth(train_dropped, val_dropped, val_size, test_size)
+        evaluated = self.val_coco.ids[:max(val_size, test_size)] if val_size and test_size else self.val_coco.ids
+        if faults := annotated_size_faults(self.val_coco, evaluated):  # train images are checked as they are read
+            raise DatasetError(f"{len(faults)} of the {len(evaluated)} evaluated val images differ from "
+                               f"{self.splits['val'].annotations}: {first_of(faults)}; fix their height and width "
+                               "there (or replace the files)")
         label_of = {c: i + 1 for i, c in enumerate(categories)}
         train_tf = [v2.RandomHorizontalFlip()] if hflip else []
         as_float = [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1)]
@@ -289,7 +320,7 @@ class DetectionData(pl.LightningDataModule):
     def locate(name, train_images, train_ann, val_images, val_ann, generate, fashion_root, cache_dir):
         if name == "fashion_scenes":
             root = ensure_fashion_scenes(cache_dir, fashion_root, **generate)
-            return {s: Split(root / s, root / "annotations" / f"instances_{s}.json") for s in ("train", "val")}
+            return {s: Split(root / s, root / "annotations" / f"instances_{s}.json", s) for s in ("train", "val")}
         if name == "coco":
             given = {"train_images": train_images, "train_ann": train_ann, "val_images": val_images,
                      "val_ann": val_ann}
@@ -297,8 +328,8 @@ class DetectionData(pl.LightningDataModule):
             if unset:
                 raise DatasetError(f"task.data.name=coco needs {', '.join('task.data.' + k for k in unset)} (image "
                                    "folders and COCO instances JSON files)")
-            return {"train": Split(Path(train_images).expanduser(), Path(train_ann).expanduser()),
-                    "val": Split(Path(val_images).expanduser(), Path(val_ann).expanduser())}
+            return {"train": Split(Path(train_images).expanduser(), Path(train_ann).expanduser(), "train"),
+                    "val": Split(Path(val_images).expanduser(), Path(val_ann).expanduser(), "val")}
         raise DatasetError(f"unknown detection dataset {name!r}; choose fashion_scenes (generated) or coco "
                            "(any COCO-format set by path)")
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 NOT_COMPLETED = ("failed", "dead", "running", "missing", "no metric")
 NOISE_MARK, UNKNOWN_SPREAD_MARK = "≈", "?"
 ERROR_CHARS = 300  # an unfinished run's error in transfer.md, cut to this (its results.json has it whole)
+NOISE_WASH = 0.7  # how far a within-noise cell's colour is blended to white: a noise difference should not glow
 
 
 @dataclass
@@ -292,33 +293,48 @@ def write_csv(report: TransferReport, path: Path) -> None:
         writer.writerows([["" if v is None else v for v in row] for row in rows])
 
 
+def heat_map_colours(report: TransferReport):
+    """RGBA per (layer, task) cell and the colour scale: green = better than the reference, red = worse; a cell
+    within seed noise is washed towards white, one without a value is light grey."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import SymLogNorm
+
+    cells = [[report.cell(n, h.task) for h in report.headlines] for n in report.norms]
+    gains = np.array([[c.relative_gain_pct for c in row] for row in cells], dtype=float)
+    limit = max(1.0, float(np.nanmax(np.abs(gains))) if np.isfinite(gains).any() else 1.0)
+    # symmetric log colour scale: a 0.5% change in top-1 stays visible beside a 20% change in FID
+    colour_scale = SymLogNorm(linthresh=1.0, vmin=-limit, vmax=limit)
+    rgba = matplotlib.colormaps["RdYlGn"](colour_scale(np.nan_to_num(gains)))
+    noise = np.array([[c.within_noise is True for c in row] for row in cells], dtype=bool)
+    rgba[noise, :3] += NOISE_WASH * (1.0 - rgba[noise, :3])
+    rgba[~np.isfinite(gains)] = (0.85, 0.85, 0.85, 1.0)
+    return rgba, colour_scale
+
+
 def write_png(report: TransferReport, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.colors import SymLogNorm
+    from matplotlib.cm import ScalarMappable
 
     tasks, norms = report.headlines, report.norms
     fig = plt.figure(figsize=(max(7.0, 3.4 * len(tasks)), 3.2 + 0.45 * len(norms) + 3.4), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.0 + 0.14 * len(norms), 1.3])
-    gains = np.array([[report.cell(n, h.task).relative_gain_pct for h in tasks] for n in norms], dtype=float)
-    limit = max(1.0, float(np.nanmax(np.abs(gains))) if np.isfinite(gains).any() else 1.0)
+    rgba, colour_scale = heat_map_colours(report)
     ax = top.subplots()
-    # symmetric log colour scale: a 0.5% change in top-1 stays visible beside a 20% change in FID
-    colour_scale = SymLogNorm(linthresh=1.0, vmin=-limit, vmax=limit)
-    image = ax.imshow(np.ma.masked_invalid(gains), cmap="RdYlGn", norm=colour_scale, aspect="auto")
-    ax.set_facecolor("0.85")  # cells without a value
+    ax.imshow(rgba, aspect="auto")
     ax.set_xticks(range(len(tasks)), [f"{h.task}\n{h.metric or 'no headline'} ({h.direction})" for h in tasks])
     ax.set_yticks(range(len(norms)), norms)
     for i, norm in enumerate(norms):
         for j, h in enumerate(tasks):
-            gain = report.cell(norm, h.task).relative_gain_pct
-            dark = gain is not None and abs(colour_scale(gain) - 0.5) > 0.35
+            dark = rgba[i, j, :3].mean() < 0.45
             ax.text(j, i, heat_map_text(report, norm, report.cell(norm, h.task)), ha="center", va="center",
                     fontsize=9, color="white" if dark else "black")
-    top.colorbar(image, ax=ax, label=f"change vs {report.reference} (%, symlog), green = better")
-    ax.set_title(f"Relative change vs {report.reference} per task ({NOISE_MARK} within seed spread, "
+    top.colorbar(ScalarMappable(colour_scale, "RdYlGn"), ax=ax,
+                 label=f"change vs {report.reference} (%, symlog), green = better")
+    ax.set_title(f"Relative change vs {report.reference} per task ({NOISE_MARK} within seed spread: pale, "
                  f"{UNKNOWN_SPREAD_MARK} one seed)")
     for ax, h in zip(np.atleast_1d(bottom.subplots(1, len(tasks))), tasks):
         cells = [report.cell(n, h.task) for n in norms]

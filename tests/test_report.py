@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipelines.report import build_report, collect_records, main, write_report
+from pipelines.report import build_report, collect_records, heat_map_colours, main, write_report
 
 ACC, FID = ("val/acc1", "max"), ("val/fid_ema", "min")
 
@@ -64,6 +64,23 @@ def test_difference_within_seed_spread_is_marked_noise(tmp_path):
     assert "| b0 | 0.96 ± 0.014 (n=2) | +0.05 | 1 |" in md
     assert "≈" in md.split("| s0 |")[1].split("\n")[0]
 
+
+
+def test_heat_map_pales_a_difference_within_noise_and_greys_a_missing_cell(tmp_path):
+    for seed, (ref, clear, noisy) in enumerate([(0.90, 0.95, 0.90), (0.92, 0.97, 1.02)]):
+        write_run(tmp_path, f"r{seed}", "classification", "bn_relu", seed, ref)
+        write_run(tmp_path, f"b{seed}", "classification", "b0", seed, clear)
+        write_run(tmp_path, f"s{seed}", "classification", "s0", seed, noisy)
+    write_run(tmp_path, "g", "classification", "gn_relu", 0, status="failed")
+    report = build_report(collect_records([tmp_path]))
+    b0, s0 = report.cell("b0", "classification"), report.cell("s0", "classification")
+    assert b0.relative_gain_pct == pytest.approx(s0.relative_gain_pct)  # the same gain, only the spread differs
+    assert b0.within_noise is False and s0.within_noise is True
+    rgba, _ = heat_map_colours(report)
+    b0_colour, s0_colour = (rgba[report.norms.index(n), 0, :3] for n in ("b0", "s0"))
+    assert b0_colour[1] > b0_colour[0]  # green: better than the reference
+    assert (s0_colour >= b0_colour).all() and s0_colour.sum() > b0_colour.sum() + 0.5  # the same hue, paled
+    assert rgba[report.norms.index("gn_relu"), 0, :3] == pytest.approx([0.85] * 3)
 
 def test_lower_is_better_metric_ranks_and_colours_the_right_way(tmp_path):
     write_run(tmp_path, "a", "biggan", "bn_relu", 0, 100.0, headline=FID)

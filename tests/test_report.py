@@ -65,7 +65,6 @@ def test_difference_within_seed_spread_is_marked_noise(tmp_path):
     assert "≈" in md.split("| s0 |")[1].split("\n")[0]
 
 
-
 def test_heat_map_pales_a_difference_within_noise_and_greys_a_missing_cell(tmp_path):
     for seed, (ref, clear, noisy) in enumerate([(0.90, 0.95, 0.90), (0.92, 0.97, 1.02)]):
         write_run(tmp_path, f"r{seed}", "classification", "bn_relu", seed, ref)
@@ -81,6 +80,7 @@ def test_heat_map_pales_a_difference_within_noise_and_greys_a_missing_cell(tmp_p
     assert b0_colour[1] > b0_colour[0]  # green: better than the reference
     assert (s0_colour >= b0_colour).all() and s0_colour.sum() > b0_colour.sum() + 0.5  # the same hue, paled
     assert rgba[report.norms.index("gn_relu"), 0, :3] == pytest.approx([0.85] * 3)
+
 
 def test_lower_is_better_metric_ranks_and_colours_the_right_way(tmp_path):
     write_run(tmp_path, "a", "biggan", "bn_relu", 0, 100.0, headline=FID)

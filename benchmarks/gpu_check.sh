@@ -3,7 +3,8 @@
 # eager fallback, the operation count and CUDA-graph capture), the layer benchmark on the issue-9 shapes (float32,
 # and bfloat16 input), the host time per layer call (direct launches against kernel[grid]), a kernel-by-kernel
 # profile of two shapes, and the ResNet-50 training-step benchmark (float32, bfloat16 autocast) with host profiles.
-# Logs and JSON go to $OUT when set (the device machine's result folder), else to benchmarks/results. Each step has
+# Logs and JSON go to benchmarks/results; when $OUT is set (the device machine's result folder, which returns only a
+# few files), to a scratch folder packed into $OUT/gpu_check.tar.gz after every step instead. Each step has
 # its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step still leaves the others their time;
 # the exit status is nonzero if any step failed or timed out. Named steps run alone; "compiled" (the ResNet-50 step
 # under torch.compile, about 5 minutes of compiling) runs only when named.
@@ -12,7 +13,8 @@
 #     bash benchmarks/gpu_check.sh compiled          # only the compiled-model step
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-benchmarks/results}"
+out=benchmarks/results
+[ -n "${OUT:-}" ] && out="$(mktemp -d)/gpu_check"
 limit="${STEP_TIMEOUT:-180}"
 mkdir -p "$out"
 failed=0
@@ -29,6 +31,9 @@ step() {  # [STEP_LIMIT=s] step NAME COMMAND...: run if selected, with the time 
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc" | tee -a "$out/$name.log"
     [ "$rc" -eq 0 ] || failed=1
+    if [ -n "${OUT:-}" ]; then  # whole or not at all: a call cut off mid-pack keeps the previous pack
+        tar czf "$OUT/gpu_check.tmp" -C "$(dirname "$out")" gpu_check && mv "$OUT/gpu_check.tmp" "$OUT/gpu_check.tar.gz"
+    fi
 }
 
 step env python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"

@@ -1,7 +1,12 @@
 """The model benchmarks run end to end and report ratios from their own measurements: benchmarks/models.py to
 BN-ReLU, benchmarks/detection_step.py to its first config variant; benchmarks/host_overhead.py times the CUDA code
-path's host work on CPU."""
+path's host work on CPU; benchmarks/gpu_check.sh packs its logs for the device machine."""
 import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +73,16 @@ def test_host_overhead_benchmark_times_the_triton_path_and_restores_it():
     assert fused._triton_state == state and driver._active is active and triton_kernels.DIRECT_LAUNCH
     assert triton_kernels.WHOLE_SET_TILE == whole_set_tile
     assert triton_kernels._moments_kernel.device_caches is caches and triton_kernels._compiled == compiled
+
+
+def test_gpu_check_packs_each_step_log_into_out(tmp_path):
+    """With $OUT set, every step's log, a failed one's too (no GPU here), ends up in one archive in $OUT."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "env"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.tar.gz"]  # no half-written pack left
+    with tarfile.open(tmp_path / "gpu_check.tar.gz") as pack:
+        assert pack.getnames() == ["gpu_check", "gpu_check/env.log"]
+        log = pack.extractfile("gpu_check/env.log").read().decode()
+    assert log.startswith("== env: python -c") and log.rstrip().endswith(f"== env: exit {done.returncode}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device check of the Triton kernels (evonorm/triton_kernels.py) for a session with a GPU: CUDA tests (including the
-# eager fallback, the operation count and CUDA-graph capture), the layer benchmark on the issue-9 shapes (float32,
-# and bfloat16 input), the host time per layer call (direct launches against kernel[grid]), a kernel-by-kernel
-# profile of two shapes, and the ResNet-50 training-step benchmark (float32, bfloat16 autocast) with host profiles.
+# eager fallback, the operation count, CUDA-graph capture and the native launches of evonorm/triton_native.py), the
+# layer benchmark on the issue-9 shapes (float32, and bfloat16 input; Python and native launches), the host time per
+# layer call (direct and native launches against kernel[grid]), a kernel-by-kernel profile of two shapes, and the
+# ResNet-50 training-step benchmark (float32, bfloat16 autocast; Python and native launches) with host profiles.
 # Logs and JSON go to benchmarks/results; when $OUT is set (the device machine's result folder, which returns only a
 # few files), to a scratch folder packed into $OUT/gpu_check.tar.gz after every step instead. Each step has
 # its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step still leaves the others their time;
@@ -40,21 +41,22 @@ step env python -c "import torch, triton; print(torch.__version__, triton.__vers
 # the CUDA cases only (the CPU and Triton-interpreter cases run in CI); each kernel test runs with whole row sets
 # and in tiles
 STEP_LIMIT=300 step tests python -m pytest tests/test_triton_kernels.py tests/test_op_count.py tests/test_fast_layers.py \
-    tests/test_layers.py -q -p no:cacheprovider -rs -k "cuda and not interp"
+    tests/test_layers.py tests/test_triton_native.py -q -p no:cacheprovider -rs -k "cuda and not interp"
 step layers python benchmarks/layers.py --device cuda --shapes gpu --layers bn_relu,b0,s0 --budget 4 \
     --json "$out/layers-cuda.json"
 step layers-bf16 python benchmarks/layers.py --device cuda --shapes gpu --layers bn_relu,b0,s0 --budget 4 \
     --dtype bfloat16 --json "$out/layers-cuda-bf16.json"
-# host time per layer call on tiny tensors: direct launches against Triton's kernel[grid] launch, BN-ReLU
+# host time per layer call on tiny tensors: direct and native launches against Triton's kernel[grid], BN-ReLU
 step host python benchmarks/host_overhead.py --device cuda --calls 1000
 step profile python benchmarks/layers.py --device cuda --shapes 32x256x56x56,32x2048x7x7 --layers bn_relu,b0,s0 \
     --budget 1 --profile --json "$out/layers-cuda-profile.json"
 # issue 9's ResNet-50 step: batch 64 x 224 px, float32 and bfloat16 autocast, each with a host profile of one step
 # (where the host's time goes; it grew under autocast for the EvoNorms only)
-step models python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --steps 10 \
-    --host-profile --json "$out/models-preact_resnet50-cuda.json"
-step models-bf16 python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast \
-    --steps 10 --autocast bfloat16 --host-profile --json "$out/models-preact_resnet50-cuda-bf16.json"
+step models python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast,fast-native \
+    --steps 10 --host-profile --json "$out/models-preact_resnet50-cuda.json"
+step models-bf16 python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 \
+    --impls fast,fast-native --steps 10 --autocast bfloat16 --host-profile \
+    --json "$out/models-preact_resnet50-cuda-bf16.json"
 # the same step compiled (what compile=true does in the pipeline), fp32; compile_s: the first step, with compiling
 STEP_LIMIT=560 step compiled python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast \
     --steps 10 --compile --json "$out/models-preact_resnet50-cuda-compiled.json"

@@ -1,17 +1,18 @@
 """Host time of a fast EvoNorm call on the CUDA code path, measurable without a GPU.
 
 On a GPU a layer call of the fast EvoNorms is host-bound at most sizes: the device finishes its Triton kernels
-before the host has issued the next call. This benchmark runs the CUDA code path (``evonorm.triton_kernels``)
-on tiny CPU tensors under a stand-in CUDA driver (``simulated_cuda_launches``): Triton's launch path runs as on a
-GPU (binding, specialisation, cache lookup) up to its C launcher, which does nothing here, and "compiling" a kernel
-costs nothing. So what it times is the host's work per forward+backward apart from the driver's launch itself:
-Python, the autograd function, allocations, Triton's launch path. Each layer runs three ways: as by default (direct
-launches, ``evonorm.triton_kernels._launch``; on this tiny input each row set fits one tile, so a call is two
-launches for the B-series and three for the S-series), with every launch through ``kernel[grid]``, and in tiles
-(four launches). Beside them, in the same rounds: BN-ReLU (whose CPU kernels are included, tiny at this size) and
-an empty autograd function with the same signature, which only allocates its outputs: the floor of any Python
-autograd function. Medians of interleaved rounds, one thread. With ``--device cuda`` the same cases run for real on
-a GPU, on tensors so small that each call takes the host's time (the device waits for the host).
+before the host has issued the next call. This benchmark runs the CUDA code path on tiny CPU tensors over a
+stand-in CUDA driver (``benchmarks/fake_cuda.py``): Triton's real compiler, driver and C launcher, and the native
+launches, run as on a GPU up to the driver's launch call, which records and returns. So what it times is the host's
+work per forward+backward apart from the driver's own launch cost: Python, autograd, allocations, the launches'
+argument handling. Each layer runs four ways: as by default (direct launches from Python,
+``evonorm.triton_kernels._launch``; on this tiny input each row set fits one tile, so a call is two launches for the
+B-series and three for the S-series), with native launches (the whole call in C++, ``evonorm.triton_native``), with
+every launch through ``kernel[grid]``, and in tiles (four launches). Beside them, in the same rounds: BN-ReLU (whose
+CPU kernels are included, tiny at this size) and an empty autograd function with the same signature, which only
+allocates its outputs: the floor of any Python autograd function. Medians of interleaved rounds, one thread. With
+``--device cuda`` the same cases run for real on a GPU, on tensors so small that each call takes the host's time
+(the device waits for the host). The stand-in changes the process for good: run this in a process of its own.
 
     python benchmarks/host_overhead.py                 # b0 and s0, 3000 calls per round
     python benchmarks/host_overhead.py --layers b0,b1,s2 --calls 500 --rounds 3
@@ -20,76 +21,17 @@ a GPU, on tensors so small that each call takes the host's time (the device wait
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
+import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import evonorm  # noqa: E402
-from evonorm import fused  # noqa: E402
-
-
-@contextlib.contextmanager
-def simulated_cuda_launches(record: list | None = None):
-    """The Triton stages on CPU tensors through Triton's launch path, with a stand-in CUDA driver (device 0, stream
-    0, sm_90) and, for each kernel compilation, a compiled kernel whose launcher appends its arguments to ``record``
-    (a list) or does nothing. Restores Triton's driver, the kernels' caches and the module's compiled-kernel table."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import CompiledKernel
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
-    from evonorm import triton_kernels
-
-    class Driver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    class RecordingKernel(CompiledKernel):
-        def __init__(self, name: str):  # only what a launch reads
-            self.name, self.src, self.metadata, self.hash = name, None, None, name
-            self.module, self.function, self.packed_metadata = name, id(self), ()
-            self._run = (lambda *args: record.append(args)) if record is not None else (lambda *args: None)
-
-        def __del__(self):  # nothing was loaded
-            pass
-
-    def compile_stub(self, key, signature, device, constexprs, options, attrs, warmup):
-        kernel = RecordingKernel(self.__name__)
-        self.device_caches[device][0][key] = kernel
-        return kernel
-
-    kernels = [k for k in vars(triton_kernels).values() if isinstance(k, JITFunction)]
-    saved_caches = [k.device_caches for k in kernels]
-    saved_driver, saved_compiled = driver._active, dict(triton_kernels._compiled)
-    saved_state, saved_compile = dict(fused._triton_state), JITFunction._do_compile
-    driver.set_active(Driver())
-    JITFunction._do_compile = compile_stub
-    triton_kernels._compiled.clear()
-    for k in kernels:
-        k.device_caches = defaultdict(k.create_binder)
-    fused._triton_state.update(force=True, failed=False)
-    try:
-        yield
-    finally:
-        fused._triton_state.update(saved_state)
-        JITFunction._do_compile = saved_compile
-        driver._active = saved_driver
-        triton_kernels._compiled.clear()
-        triton_kernels._compiled.update(saved_compiled)
-        for k, caches in zip(kernels, saved_caches):
-            k.device_caches = caches
+from evonorm import fused, triton_native  # noqa: E402
 
 
 class EmptyFn(torch.autograd.Function):
@@ -138,37 +80,41 @@ def main(argv=None) -> dict[str, float]:
     args = parser.parse_args(argv)
     from evonorm import triton_kernels  # needs triton
 
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        with simulated_cuda_launches() if args.device == "cpu" else contextlib.nullcontext():
-            return _measure(args, triton_kernels)
-    finally:
-        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as folder:
+        if args.device == "cpu":
+            from benchmarks.fake_cuda import activate
+
+            activate(folder)
+        return _measure(args, triton_kernels)
 
 
 def _measure(args, triton_kernels) -> dict[str, float]:
     channels = 8
     x = torch.randn(2, channels, 2, 2, device=args.device, requires_grad=True)
     grad = torch.randn_like(x)
-    default = triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE
-    # name: (layer, direct launches, largest whole row set): this tiny input's row sets are taken whole by default
+    default = triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE, "python"
+    # name: (layer, direct launches, largest whole row set, launch mode): this tiny input's row sets are taken whole
+    # by default
     layers = {"bn_relu": (evonorm.norm_act("bn_relu", channels).to(args.device), *default),
               "empty function": (EmptyLayer(channels).to(args.device), *default)}
     for name in args.layers.split(","):
         layer = evonorm.norm_act(name, channels, impl="fast").to(args.device)
         layers[name] = layer, *default
-        layers[f"{name} via kernel[grid]"] = layer, False, default[1]
-        layers[f"{name} in tiles (4 launches)"] = layer, default[0], 0
+        layers[f"{name} native"] = layer, *default[:2], "native"
+        layers[f"{name} via kernel[grid]"] = layer, False, *default[1:]
+        layers[f"{name} in tiles (4 launches)"] = layer, default[0], 0, default[2]
     times: dict[str, list[float]] = {name: [] for name in layers}
 
     def timed(name, calls):
-        layer, triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE = layers[name]
+        layer, triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE, launch = layers[name]
+        triton_native.set_launch(launch)
         triton_kernels._plan.cache_clear()
         try:
             return time_calls(layer.train(), x, grad, calls)
         finally:
-            triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE = default
+            triton_kernels.DIRECT_LAUNCH, triton_kernels.WHOLE_SET_TILE, _ = default
+            triton_native.set_launch("python")
             triton_kernels._plan.cache_clear()
 
     for name in layers:
@@ -176,8 +122,9 @@ def _measure(args, triton_kernels) -> dict[str, float]:
     for _ in range(args.rounds):
         for name in layers:
             times[name].append(timed(name, args.calls))
-    if fused._triton_state["failed"]:  # the eager stages ran instead: not what this measures
-        raise SystemExit("the Triton code path failed (see the warning above); nothing measured")
+    if fused._triton_state["failed"] or triton_native._state["failed"]:  # not what this measures
+        raise SystemExit("the Triton code path or its native launches failed (see the warning above); "
+                         "nothing measured")
     medians = {name: statistics.median(t) for name, t in times.items()}
     floor = medians["empty function"]
     print(f"{'layer':28} {'us per fwd+bwd':>15} {'over the empty function':>24}")

@@ -3,7 +3,8 @@
 All layers of one shape run in one process, interleaved (one call of each layer per round), so load from other
 processes hits them alike: compare the ratios, not the absolute times, across runs. Layers: every name of
 ``evonorm.NORM_ACT_NAMES`` (EvoNorms as ``impl="fast"`` under the torch.compile policy ``--compile``, as
-"fast-eager" with compilation off, on CPU as "fast-compiled" with compilation on, and as ``impl="reference"``) and
+"fast-eager" with compilation off, on CPU as "fast-compiled" with compilation on, on CUDA as "fast-native" with
+native Triton launches (evonorm.triton_native), and as ``impl="reference"``) and
 timm's EvoNorm2d* when timm is installed, all in training mode. "fwd" is a training forward (autograd graph
 recorded), "fwd+bwd" adds the backward of a fixed random output gradient; times are medians over the rounds, each
 call timed with the host waiting for the device, so on a GPU they include the host's time per call (Python,
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import evonorm  # noqa: E402
-from evonorm import fused  # noqa: E402
+from evonorm import fused, triton_native  # noqa: E402
 
 try:
     import timm
@@ -91,14 +92,20 @@ def parse_shapes(spec: str) -> list[tuple[int, ...]]:
 CASE_COMPILE = {"fast-eager": "off", "fast-compiled": "on"}  # the other cases run under --compile
 
 
-def layer_cases(names: list[str], compiled: bool = False) -> list[tuple[str, str]]:
-    """(name, impl) pairs: "fast"/"fast-eager"/"reference" (and "fast-compiled" if ``compiled``) for our EvoNorms,
-    "torch" for baselines, "timm"."""
+def select_paths(impl: str, compile_mode: str) -> None:
+    """The torch.compile policy and the Triton launches of a case (the other cases launch from Python)."""
+    fused.set_compile(CASE_COMPILE.get(impl, compile_mode))
+    triton_native.set_launch("native" if impl == "fast-native" else "python")
+
+
+def layer_cases(names: list[str], compiled: bool = False, native: bool = False) -> list[tuple[str, str]]:
+    """(name, impl) pairs: "fast"/"fast-eager"/"reference" (and "fast-compiled" if ``compiled``, "fast-native" if
+    ``native``) for our EvoNorms, "torch" for baselines, "timm"."""
     cases = []
     for name in names:
         if name in EVONORM_NAMES:
-            cases += [(name, "fast"), (name, "fast-eager")] + [(name, "fast-compiled")] * compiled + [
-                (name, "reference")]
+            cases += [(name, "fast")] + [(name, "fast-native")] * native + [(name, "fast-eager")] + [
+                (name, "fast-compiled")] * compiled + [(name, "reference")]
             if timm is not None:
                 cases.append((name, "timm"))
         else:
@@ -203,11 +210,8 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
     x, grad = random_input(shape, device, dtype)
     layers, rows = {}, {}
 
-    def select_compile(case):
-        fused.set_compile(CASE_COMPILE.get(case[1], compile_mode))
-
     for case in cases:
-        select_compile(case)
+        select_paths(case[1], compile_mode)
         try:  # the first call too: timm's S-series builds with any C but fails on a call when its groups do not divide C
             layer = build(*case, shape[1], device)
             rows[case] = {"fwd": [], "fwd_bwd": [], "stream": [], "host": [], "saved_bytes": saved_bytes(layer, x)}
@@ -224,7 +228,7 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
         layer(x).backward(grad)
 
     def timed(fn, case):
-        select_compile(case)
+        select_paths(case[1], compile_mode)
         sync()
         start = time.perf_counter()
         fn(layers[case])
@@ -246,9 +250,9 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
                 rows[case]["stream"].append(stream_ms)
                 rows[case]["host"].append(host_ms)
     for case in layers:  # the rows above wait for the host between calls; this is the kernels' time alone
-        select_compile(case)
+        select_paths(case[1], compile_mode)
         rows[case]["graph"] = graph_ms(layers[case], x, grad) if device.type == "cuda" and case[1] in (
-            "torch", "fast") else None
+            "torch", "fast", "fast-native") else None
     input_bytes = x.numel() * x.element_size()
     results = []
     for (name, impl), row in rows.items():
@@ -281,7 +285,7 @@ def profile_shape(shape, cases, device, compile_mode, dtype, calls=5):
     for name, impl in cases:
         if impl in ("reference", "timm"):
             continue
-        fused.set_compile(CASE_COMPILE.get(impl, compile_mode))
+        select_paths(impl, compile_mode)
         layer = build(name, impl, shape[1], device)
         layer(x).backward(grad)  # warm-up: compilation stays out of the profile
         with profile(activities=activities) as prof:
@@ -346,7 +350,7 @@ def main(argv=None):
         raise SystemExit(f"unknown layers {sorted(unknown)}; valid: {', '.join(evonorm.NORM_ACT_NAMES)}")
     # compiled rows on CPU (on CUDA "on" is the Triton path of "fast"); --quick skips them: each compiles for seconds
     cases = layer_cases([BASELINE[0]] + [n for n in names if n != BASELINE[0]],
-                        compiled=device.type == "cpu" and not args.quick)
+                        compiled=device.type == "cpu" and not args.quick, native=device.type == "cuda")
 
     results = []
     for shape in parse_shapes(args.shapes):

@@ -23,6 +23,9 @@ another in ``--passes`` interleaved passes; the median is reported.
     python benchmarks/models.py --arch maskrcnn_r50_fpn --batch 2 --size 320 --layers bn_relu --box-head 2fc
     python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --autocast bfloat16
     python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --compile
+    python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast,fast-native
+
+``--impls fast-native``: ``impl="fast"`` with native Triton launches (evonorm.triton_native, CUDA).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import evonorm  # noqa: E402
+from evonorm import triton_native  # noqa: E402
 from benchmarks.layers import BASELINE, EVONORM_NAMES, saved_bytes  # noqa: E402
 from tasks.classification.models import build_model  # noqa: E402
 from tasks.maskrcnn.model import build_maskrcnn  # noqa: E402
@@ -99,6 +103,9 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     warm-up step's time, which includes compiling, is reported as ``compile_s``."""
     dev = torch.device(device)
     torch.manual_seed(0)
+    if impl == "fast-native":
+        triton_native.set_launch("native")
+        impl = "fast"
     detector = arch in DETECTORS
     if detector:
         model, x, loss_of = detector_case(arch, layer, impl, batch, size, dev, box_head)

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from . import cpu_kernels
+from . import cpu_kernels, triton_native
 from .common import stats_dtype
 
 log = logging.getLogger(__name__)
@@ -366,10 +366,15 @@ class EvoNormBatchFn(torch.autograd.Function):
         # Triton launches and the C++ kernels: autocast does not touch them (and its context costs host time)
         y, ws, stats = None, None, (None, None, None)
         if _use_triton(x, weight):
-            out = _run_triton("batch_forward", x.contiguous(), weight, bias, v, running_var, variant, eps, momentum,
-                              training)
+            xc = x.contiguous()
+            with triton_native.recording() as launches:
+                out = _run_triton("batch_forward", xc, weight, bias, v, running_var, variant, eps, momentum, training)
             if out is not None:
                 y, ws = out
+                if launches:
+                    ctx.native_key = triton_native.add_forward(
+                        triton_native.BATCH, launches, y, ws, xc, weight, bias, v, running_var,
+                        BATCH_VARIANTS.index(variant), eps, momentum, training)
         elif _use_cpu_kernels(x, weight, bias, v, running_var):
             out = _run_cpu("batch_forward", x.contiguous(), weight, bias, v, running_var,
                            BATCH_VARIANTS.index(variant), eps, momentum, training)
@@ -390,8 +395,12 @@ class EvoNormBatchFn(torch.autograd.Function):
         grads = None
         if ws is not None:
             ws = _workspace_for_backward(ctx, ws)
-            grads = _run_triton("batch_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v, ctx.variant,
-                                ctx.eps, ctx.training)
+            xc, gy = x.contiguous(), grad_y.contiguous()
+            with triton_native.recording() as launches:
+                grads = _run_triton("batch_backward", xc, gy, ws, weight, v, ctx.variant, ctx.eps, ctx.training)
+            if launches and grads is not None:
+                triton_native.add_backward(getattr(ctx, "native_key", None), launches, grads[0], xc, gy, ws, weight,
+                                           v)
             if grads is None:
                 from .triton_kernels import batch_saved_stats
                 stats = batch_saved_stats(ws, *x.shape[:2])
@@ -529,9 +538,14 @@ class EvoNormSampleFn(torch.autograd.Function):
         # Triton launches and the C++ kernels: autocast does not touch them (and its context costs host time)
         y, ws, stats = None, None, (None, None)
         if _use_triton(x, weight):
-            out = _run_triton("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
+            xc = x.contiguous()
+            with triton_native.recording() as launches:
+                out = _run_triton("sample_forward", xc, weight, bias, v, groups, eps, centered)
             if out is not None:
                 y, ws = out
+                if launches:
+                    ctx.native_key = triton_native.add_forward(
+                        triton_native.SAMPLE, launches, y, ws, xc, weight, bias, v, None, groups, eps, 0.0, centered)
         elif _use_cpu_kernels(x, weight, bias, v):
             out = _run_cpu("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
             if out is not None:
@@ -552,8 +566,12 @@ class EvoNormSampleFn(torch.autograd.Function):
         grads = None
         if ws is not None:
             ws = _workspace_for_backward(ctx, ws)
-            grads = _run_triton("sample_backward", x.contiguous(), grad_y.contiguous(), ws, weight, v, ctx.groups,
-                                ctx.centered)
+            xc, gy = x.contiguous(), grad_y.contiguous()
+            with triton_native.recording() as launches:
+                grads = _run_triton("sample_backward", xc, gy, ws, weight, v, ctx.groups, ctx.centered)
+            if launches and grads is not None:
+                triton_native.add_backward(getattr(ctx, "native_key", None), launches, grads[0], xc, gy, ws, weight,
+                                           v)
             if grads is None:
                 from .triton_kernels import sample_saved_stats
                 stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.centered)
@@ -573,10 +591,19 @@ def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: 
     """EvoNorm B0/B1/B2 with activation; in training the running variance is updated in place."""
     if variant not in BATCH_VARIANTS:
         raise ValueError(f"variant must be one of {BATCH_VARIANTS}, got {variant!r}")
+    if triton_native.enabled() and _use_triton(x, weight):
+        y = triton_native.call(triton_native.BATCH, x, weight, bias, v, running_var, BATCH_VARIANTS.index(variant),
+                               eps, momentum, training)
+        if y is not None:
+            return y
     return EvoNormBatchFn.apply(x, weight, bias, v, running_var, variant, eps, momentum, training)
 
 
 def evonorm_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: torch.Tensor | None, *,
                    groups: int, eps: float, centered: bool) -> torch.Tensor:
     """EvoNorm S0 (v given), S1 (v None, centered) or S2 (v None, not centered) with activation."""
+    if triton_native.enabled() and _use_triton(x, weight):
+        y = triton_native.call(triton_native.SAMPLE, x, weight, bias, v, None, groups, eps, 0.0, centered)
+        if y is not None:
+            return y
     return EvoNormSampleFn.apply(x, weight, bias, v, groups, eps, centered)

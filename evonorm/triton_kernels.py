@@ -163,6 +163,9 @@ def _on_device(x: torch.Tensor):
 _compiled: dict[tuple, tuple[CompiledKernel, list[str]]] = {}
 COMPILED_KEYS = 4096
 DIRECT_LAUNCH = knobs is not None  # False: every launch through kernel[grid] (benchmarks compare the two)
+# A list: _launch appends each launch's (compiled kernel, grid, arguments), or None where it cannot tell them
+# (evonorm.triton_native records a call's launches so)
+RECORDED: list | None = None
 
 
 def _spec(arg):
@@ -184,7 +187,9 @@ def _launch(kernel, grid: tuple[int], *args, **meta) -> None:
     """
     global DIRECT_LAUNCH
     if not (DIRECT_LAUNCH and isinstance(kernel, JITFunction)):  # the interpreter runs its own functions
-        kernel[grid](*args, **meta)
+        compiled = kernel[grid](*args, **meta)
+        if RECORDED is not None:
+            RECORDED.append((compiled, grid, args) if _binds_in_order(kernel, compiled, args, meta) else None)
         return
     device = driver.active.get_current_device()
     key = (id(kernel), grid, device, knobs.runtime.debug, getattr(knobs.compilation, "instrumentation_mode", None),
@@ -198,17 +203,29 @@ def _launch(kernel, grid: tuple[int], *args, **meta) -> None:
             compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata,
                          compiled.launch_metadata(grid, stream, *params), knobs.runtime.launch_enter_hook,
                          knobs.runtime.launch_exit_hook, *params)
+            if RECORDED is not None:
+                RECORDED.append((compiled, grid, args))
             return
         except (TypeError, AttributeError) as err:
             log.warning("evonorm: direct Triton launches failed, launching through kernel[grid] from now on "
                         "(%s: %s)", type(err).__name__, err)
             DIRECT_LAUNCH = False
     compiled = kernel[grid](*args, **meta)
-    constexpr_names = kernel.arg_names[len(args):]  # the rest of meta: launch options (num_warps)
-    if isinstance(compiled, CompiledKernel) and set(constexpr_names) <= set(meta) <= {*constexpr_names, "num_warps"}:
+    binds = _binds_in_order(kernel, compiled, args, meta)
+    if binds:
         if len(_compiled) >= COMPILED_KEYS:
             _compiled.clear()
-        _compiled[key] = compiled, constexpr_names
+        _compiled[key] = compiled, kernel.arg_names[len(args):]  # the rest of meta: launch options (num_warps)
+    if RECORDED is not None:
+        RECORDED.append((compiled, grid, args) if binds else None)
+
+
+def _binds_in_order(kernel, compiled, args: tuple, meta: dict) -> bool:
+    """Whether a compiled kernel's parameters are ``args`` and then ``meta``'s constexprs, in order (meta holding
+    nothing else but launch options)."""
+    constexpr_names = kernel.arg_names[len(args):] if isinstance(kernel, JITFunction) else None
+    return (isinstance(compiled, CompiledKernel) and constexpr_names is not None
+            and set(constexpr_names) <= set(meta) <= {*constexpr_names, "num_warps"})
 
 
 @triton.jit

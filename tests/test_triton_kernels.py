@@ -6,10 +6,12 @@ interpreter. The interpreter must be switched on (TRITON_INTERPRET=1) before the
 may already have imported triton in this process, so test_interpreter_run runs the "interp" cases of this file and
 of test_op_count.py in a fresh pytest process with the variable set; in this process they are skipped.
 """
+import contextlib
 import logging
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,19 @@ LAYER_SHAPES = [(4, 40, 7, 5), (2, 8, 1, 1), (2, 6, 20, 55), (70, 4, 2, 3)]
 INTERP_FILES = ["tests/test_triton_kernels.py", "tests/test_op_count.py"]
 
 
+def spy_triton_stages(monkeypatch) -> list[str]:
+    """The names of the evonorm.triton_kernels functions that the Python path runs from now on (a list that grows)."""
+    called = []
+    run_triton = fused._run_triton
+
+    def spy(name, *args):
+        called.append(name)
+        return run_triton(name, *args)
+
+    monkeypatch.setattr(fused, "_run_triton", spy)
+    return called
+
+
 @pytest.fixture(params=["whole_sets", "tiles"])
 def triton_stages(request, monkeypatch):
     """Names of the evonorm.triton_kernels functions that ran; Triton forced for CPU tensors (interpreter). Each
@@ -41,18 +56,70 @@ def triton_stages(request, monkeypatch):
         monkeypatch.setattr(triton_kernels, "WHOLE_SET_TILE", 0)
     triton_kernels._plan.cache_clear()
     request.addfinalizer(triton_kernels._plan.cache_clear)
-    called = []
-    run_triton = fused._run_triton
-
-    def spy(name, *args):
-        called.append(name)
-        return run_triton(name, *args)
-
-    monkeypatch.setattr(fused, "_run_triton", spy)
+    called = spy_triton_stages(monkeypatch)
     monkeypatch.setitem(fused._triton_state, "force", True)
     monkeypatch.setitem(fused._triton_state, "failed", False)
     monkeypatch.setitem(fused._compile_state, "mode", "auto")
     return called
+
+
+@contextlib.contextmanager
+def simulated_cuda_launches(record: list | None = None):
+    """The Triton stages on CPU tensors through Triton's launch path, with a stand-in CUDA driver (device 0, stream
+    0, sm_90) and, for each kernel compilation, a compiled kernel whose launcher appends its arguments to ``record``
+    (a list) or does nothing: nothing compiles, and unlike benchmarks/fake_cuda.py it is undone on exit (Triton's
+    driver, the kernels' caches and the module's compiled-kernel table), so it runs in the tests' own process."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import CompiledKernel
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from evonorm import triton_kernels
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class RecordingKernel(CompiledKernel):
+        def __init__(self, name: str):  # only what a launch reads
+            self.name, self.src, self.metadata, self.hash = name, None, None, name
+            self.module, self.function, self.packed_metadata = name, id(self), ()
+            self._run = (lambda *args: record.append(args)) if record is not None else (lambda *args: None)
+
+        def __del__(self):  # nothing was loaded
+            pass
+
+    def compile_stub(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = RecordingKernel(self.__name__)
+        self.device_caches[device][0][key] = kernel
+        return kernel
+
+    kernels = [k for k in vars(triton_kernels).values() if isinstance(k, JITFunction)]
+    saved_caches = [k.device_caches for k in kernels]
+    saved_driver, saved_compiled = driver._active, dict(triton_kernels._compiled)
+    saved_state, saved_compile = dict(fused._triton_state), JITFunction._do_compile
+    driver.set_active(Driver())
+    JITFunction._do_compile = compile_stub
+    triton_kernels._compiled.clear()
+    for k in kernels:
+        k.device_caches = defaultdict(k.create_binder)
+    fused._triton_state.update(force=True, failed=False)
+    try:
+        yield
+    finally:
+        fused._triton_state.update(saved_state)
+        JITFunction._do_compile = saved_compile
+        driver._active = saved_driver
+        triton_kernels._compiled.clear()
+        triton_kernels._compiled.update(saved_compiled)
+        for k, caches in zip(kernels, saved_caches):
+            k.device_caches = caches
 
 
 def assert_close(got, want, tol=1e-5):
@@ -215,7 +282,6 @@ def test_direct_launches_pass_what_triton_passes(name, training, dtype, shape, m
     parameters in the order that Triton's own launch (kernel[grid]) passes them, on every launch of a forward +
     backward (a stand-in CUDA driver records the launcher calls; this checks the installed Triton)."""
     pytest.importorskip("triton")
-    from benchmarks.host_overhead import simulated_cuda_launches
     from evonorm import triton_kernels
 
     layer = make_pair(name, shape[1], training)[0]
@@ -249,7 +315,6 @@ def test_direct_launch_key_follows_triton_specialisation():
     """A tensor of another dtype or alignment (which Triton compiles anew for) gets its own compiled kernel, not the
     one of an earlier launch: the direct launch uses the kernel that Triton's own launch compiled for it."""
     pytest.importorskip("triton")
-    from benchmarks.host_overhead import simulated_cuda_launches
     from evonorm import triton_kernels
 
     base = torch.zeros(65)
@@ -271,7 +336,6 @@ def test_direct_launch_of_another_interface_falls_back_to_triton(monkeypatch, ca
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
-    from benchmarks.host_overhead import simulated_cuda_launches
     from evonorm import triton_kernels
 
     layer = make_pair("s0", 16)[0]
@@ -342,16 +406,21 @@ def test_kernels_compile_for_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("launch", ["python", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["b0", "s0"])
-def test_cuda_graph_captures_forward_backward(name, dtype, monkeypatch):
+def test_cuda_graph_captures_forward_backward(name, dtype, launch, monkeypatch):
     """A training forward + backward captured in a CUDA graph and replayed gives what an eager call gives: no
-    launch syncs with the host or allocates outside the graph's pool."""
+    launch syncs with the host or allocates outside the graph's pool; with native launches too (evonorm.
+    triton_native: the warm-up's first call records them)."""
     import copy
 
     import evonorm
+    from evonorm import triton_native
 
     monkeypatch.setitem(fused._compile_state, "mode", "auto")  # the Triton stages
+    monkeypatch.setitem(triton_native._state, "mode", launch)
+    monkeypatch.setitem(triton_native._state, "failed", False)
     layer = evonorm.norm_act(name, 64, impl="fast").cuda().train()
     x = torch.randn(8, 64, 12, 10, device="cuda", dtype=dtype, requires_grad=True)
     grad_y = torch.randn_like(x)
@@ -368,6 +437,7 @@ def test_cuda_graph_captures_forward_backward(name, dtype, monkeypatch):
     with torch.cuda.graph(graph):
         y = layer(x)
         y.backward(grad_y)
+    assert (type(y.grad_fn).__name__ == "CppFunction") == (launch == "native")
     graph.replay()
     x_eager = x.detach().clone().requires_grad_()
     y_eager = eager(x_eager)

@@ -367,8 +367,8 @@ class EvoNormBatchFn(torch.autograd.Function):
         y, ws, stats = None, None, (None, None, None)
         if _use_triton(x, weight):
             xc = x.contiguous()
-            with triton_native.recording() as launches:
-                out = _run_triton("batch_forward", xc, weight, bias, v, running_var, variant, eps, momentum, training)
+            out, launches = triton_native.recorded(_run_triton, "batch_forward", xc, weight, bias, v, running_var,
+                                                   variant, eps, momentum, training)
             if out is not None:
                 y, ws = out
                 if launches:
@@ -396,8 +396,8 @@ class EvoNormBatchFn(torch.autograd.Function):
         if ws is not None:
             ws = _workspace_for_backward(ctx, ws)
             xc, gy = x.contiguous(), grad_y.contiguous()
-            with triton_native.recording() as launches:
-                grads = _run_triton("batch_backward", xc, gy, ws, weight, v, ctx.variant, ctx.eps, ctx.training)
+            grads, launches = triton_native.recorded(_run_triton, "batch_backward", xc, gy, ws, weight, v,
+                                                     ctx.variant, ctx.eps, ctx.training)
             if launches and grads is not None:
                 triton_native.add_backward(getattr(ctx, "native_key", None), launches, grads[0], xc, gy, ws, weight,
                                            v)
@@ -539,8 +539,8 @@ class EvoNormSampleFn(torch.autograd.Function):
         y, ws, stats = None, None, (None, None)
         if _use_triton(x, weight):
             xc = x.contiguous()
-            with triton_native.recording() as launches:
-                out = _run_triton("sample_forward", xc, weight, bias, v, groups, eps, centered)
+            out, launches = triton_native.recorded(_run_triton, "sample_forward", xc, weight, bias, v, groups, eps,
+                                                   centered)
             if out is not None:
                 y, ws = out
                 if launches:
@@ -567,8 +567,8 @@ class EvoNormSampleFn(torch.autograd.Function):
         if ws is not None:
             ws = _workspace_for_backward(ctx, ws)
             xc, gy = x.contiguous(), grad_y.contiguous()
-            with triton_native.recording() as launches:
-                grads = _run_triton("sample_backward", xc, gy, ws, weight, v, ctx.groups, ctx.centered)
+            grads, launches = triton_native.recorded(_run_triton, "sample_backward", xc, gy, ws, weight, v,
+                                                     ctx.groups, ctx.centered)
             if launches and grads is not None:
                 triton_native.add_backward(getattr(ctx, "native_key", None), launches, grads[0], xc, gy, ws, weight,
                                            v)

@@ -4,7 +4,7 @@
 (``evonorm.triton_kernels``). ``native``: from the second call of a key on (shapes, dtypes, alignments, options) the
 whole call is a C++ autograd function that launches the kernels Triton compiled for the first call, with that
 call's grid, block, shared memory and scalars: no Python between the launches and none in backward. The first call
-of a key takes the Python path and records its launches (``recording``); ``add_forward`` / ``add_backward`` hand them
+of a key takes the Python path and records its launches (``recorded``); ``add_forward`` / ``add_backward`` hand them
 to the C++ side, which checks each kernel's declared parameters against them before it accepts a program.
 
 The extension is built on first use (``torch.utils.cpp_extension``, some 30 s once per machine; it compiles against
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from functools import cache
 
 import torch
@@ -79,18 +78,16 @@ def call(kind: int, x, weight, bias, v, running_var, option: int, eps: float, mo
         return None
 
 
-@contextmanager
-def recording():
-    """The launches of the Python-path call inside, as evonorm.triton_kernels makes them: a list, or None when
-    native launches are off."""
+def recorded(run, *args):
+    """(run(*args), the launches of evonorm.triton_kernels it made: a list, or None when native launches are off).
+    A function, not a context manager: this is on every Python-path call, and a context manager costs microseconds."""
+    if not enabled():
+        return run(*args), None
     from . import triton_kernels
 
-    if not enabled():
-        yield None
-        return
     triton_kernels.RECORDED = launches = []
     try:
-        yield launches
+        return run(*args), launches
     finally:
         triton_kernels.RECORDED = None
 

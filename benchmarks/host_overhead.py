@@ -77,6 +77,7 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu: a stand-in CUDA driver, launches do nothing; cuda: real launches on a GPU")
+    parser.add_argument("--no-native", action="store_true", help="leave out the native launches")
     args = parser.parse_args(argv)
     from evonorm import triton_kernels  # needs triton
 
@@ -101,7 +102,8 @@ def _measure(args, triton_kernels) -> dict[str, float]:
     for name in args.layers.split(","):
         layer = evonorm.norm_act(name, channels, impl="fast").to(args.device)
         layers[name] = layer, *default
-        layers[f"{name} native"] = layer, *default[:2], "native"
+        if not args.no_native:
+            layers[f"{name} native"] = layer, *default[:2], "native"
         layers[f"{name} via kernel[grid]"] = layer, False, *default[1:]
         layers[f"{name} in tiles (4 launches)"] = layer, default[0], 0, default[2]
     times: dict[str, list[float]] = {name: [] for name in layers}

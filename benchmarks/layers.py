@@ -335,6 +335,7 @@ def main(argv=None):
     parser.add_argument("--malloc-trim", action="store_true",
                         help="leave glibc's trimming of freed memory on (see above)")
     parser.add_argument("--quick", action="store_true", help="tiny shape, 3 rounds: a smoke run of a few seconds")
+    parser.add_argument("--no-native", action="store_true", help="on CUDA, no fast-native rows")
     parser.add_argument("--profile", action="store_true",
                         help="also print each fast/torch case's kernels and their times (torch.profiler)")
     args = parser.parse_args(argv)
@@ -350,7 +351,8 @@ def main(argv=None):
         raise SystemExit(f"unknown layers {sorted(unknown)}; valid: {', '.join(evonorm.NORM_ACT_NAMES)}")
     # compiled rows on CPU (on CUDA "on" is the Triton path of "fast"); --quick skips them: each compiles for seconds
     cases = layer_cases([BASELINE[0]] + [n for n in names if n != BASELINE[0]],
-                        compiled=device.type == "cpu" and not args.quick, native=device.type == "cuda")
+                        compiled=device.type == "cpu" and not args.quick,
+                        native=device.type == "cuda" and not args.no_native)
 
     results = []
     for shape in parse_shapes(args.shapes):

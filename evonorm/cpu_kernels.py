@@ -25,23 +25,28 @@ ARCH_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", 
               "AVX2": ["-mavx2", "-mfma"]}
 
 
-@cache
-def ops():
-    """torch.ops.evonorm_cpu, built and loaded on the first call."""
+def cpp_extension():
+    """torch.utils.cpp_extension, ready to build: with ninja on PATH, imported without its warning about CUDA (the
+    extensions of evonorm are C++ only)."""
     if shutil.which("ninja") is None:  # pip's ninja (a dependency) where its scripts are not on PATH
         import ninja
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)  # its import warns that there is no CUDA: irrelevant to a CPU build
+    cpp_logger.setLevel(logging.ERROR)  # its import warns that there is no CUDA toolkit: irrelevant to a C++ build
     try:
-        from torch.utils import cpp_extension
+        from torch.utils import cpp_extension as module
     finally:
         cpp_logger.setLevel(level)
+    return module
 
+
+@cache
+def ops():
+    """torch.ops.evonorm_cpu, built and loaded on the first call."""
     capability = torch.backends.cpu.get_cpu_capability()
     log.info("evonorm: loading the fused CPU kernels (the first build on a machine takes some 20 s)")
-    cpp_extension.load(
+    cpp_extension().load(
         name=f"evonorm_cpu_{capability.lower()}", sources=[SOURCE], is_python_module=False,
         # Reassociation lets a SIMD sum end in a tree, not lane by lane. No -ffast-math: NaN and infinity checks
         # must stay (running-variance update, NaN propagation).

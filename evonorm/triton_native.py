@@ -21,6 +21,8 @@ from functools import cache
 
 import torch
 
+from .cpu_kernels import cpp_extension
+
 log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(__file__), "triton_native.cpp")
 LAUNCH_MODES = ("python", "native")
@@ -54,11 +56,10 @@ def driver_path() -> str:
 def module():
     """The extension, built, loaded and bound to the CUDA driver on the first call."""
     import triton.backends.nvidia as nvidia
-    from torch.utils import cpp_extension
 
     log.info("evonorm: building the native Triton launches (once per machine, some 30 s)")
-    ext = cpp_extension.load(name="evonorm_triton_native", sources=[SOURCE], extra_cflags=["-O2"],
-                             extra_include_paths=[os.path.join(os.path.dirname(nvidia.__file__), "include")])
+    ext = cpp_extension().load(name="evonorm_triton_native", sources=[SOURCE], extra_cflags=["-O2"],
+                               extra_include_paths=[os.path.join(os.path.dirname(nvidia.__file__), "include")])
     ext.open_driver(driver_path())
     return ext
 

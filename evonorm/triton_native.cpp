@@ -279,7 +279,8 @@ std::optional<Tensor> call(int64_t kind, const Tensor& x, const Tensor& weight, 
 }
 
 // ------------------------------------------------------------------------------------------------ Python API
-// A recorded launch from Python: (function handle, grid, block, shared bytes, [(kind, slot or value), ...]).
+// A recorded launch from Python: (function handle, grid, block, shared bytes, [(kind, slot or value), ...], the
+// compiled kernel).
 std::vector<Launch> parse(const py::list& recorded) {
   std::vector<Launch> out;
   for (const auto& item : recorded) {
@@ -298,6 +299,11 @@ std::vector<Launch> parse(const py::list& recorded) {
     out.push_back(std::move(l));
   }
   return out;
+}
+
+// Keep a registered program's compiled kernels alive for good: deleting one unloads its function.
+void pin(const py::list& recorded) {
+  for (const auto& item : recorded) item.cast<py::tuple>()[5].cast<py::object>().release();  // a reference kept
 }
 
 // The kernel's own parameters must be the recorded ones, then only 8-byte ones (Triton's scratch pointers), which
@@ -340,6 +346,7 @@ py::tuple add_forward(int64_t kind, const Tensor& x, const Tensor& weight, const
     if (!registry.count(key)) {
       programs.push_back(Program{workspace, std::move(launches), {}, false});
       registry[key] = &programs.back();
+      pin(recorded);
     }
   }
   return py::make_tuple(why, key.fields);
@@ -356,6 +363,7 @@ std::string add_backward(const std::vector<int64_t>& fields, const py::list& rec
   if (!it->second->has_backward) {
     it->second->backward = std::move(launches);
     it->second->has_backward = true;
+    pin(recorded);
   }
   return "";
 }

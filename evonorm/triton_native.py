@@ -120,7 +120,7 @@ def _program(launches: list, slots: dict[str, torch.Tensor | None]) -> list | No
                 packed.append((kinds[ty], arg))
             else:
                 return None
-        program.append((compiled.function, grid[0], 32 * meta.num_warps, meta.shared, packed))
+        program.append((compiled.function, grid[0], 32 * meta.num_warps, meta.shared, packed, compiled))
     return program
 
 

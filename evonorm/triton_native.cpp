@@ -86,8 +86,7 @@ struct Launch {
 
 struct Program {
   int64_t workspace;  // floats
-  std::vector<Launch> forward, backward;
-  bool has_backward = false;  // set once, after backward is filled (under the registry's mutex)
+  std::vector<Launch> forward, backward;  // backward: empty until recorded, then set once (under the mutex)
 };
 
 size_t arg_size(Kind kind) { return kind == I32 || kind == F32 ? 4 : 8; }
@@ -273,7 +272,7 @@ std::optional<Tensor> call(int64_t kind, const Tensor& x, const Tensor& weight, 
   if (!program) return std::nullopt;
   if (needs_grad({&x, &weight, &bias, &v})) {
     std::lock_guard<std::mutex> lock(registry_mutex);
-    if (!program->has_backward) return std::nullopt;
+    if (program->backward.empty()) return std::nullopt;
   }
   return LayerFn::apply(x, weight, bias, v_in, running_var_in, program);
 }
@@ -344,7 +343,7 @@ py::tuple add_forward(int64_t kind, const Tensor& x, const Tensor& weight, const
   if (why.empty()) {
     std::lock_guard<std::mutex> lock(registry_mutex);
     if (!registry.count(key)) {
-      programs.push_back(Program{workspace, std::move(launches), {}, false});
+      programs.push_back(Program{workspace, std::move(launches), {}});
       registry[key] = &programs.back();
       pin(recorded);
     }
@@ -360,9 +359,8 @@ std::string add_backward(const std::vector<int64_t>& fields, const py::list& rec
   std::lock_guard<std::mutex> lock(registry_mutex);
   auto it = registry.find(Key{fields});
   if (it == registry.end()) return "no forward program for this key";
-  if (!it->second->has_backward) {
+  if (it->second->backward.empty()) {
     it->second->backward = std::move(launches);
-    it->second->has_backward = true;
     pin(recorded);
   }
   return "";

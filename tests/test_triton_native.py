@@ -199,26 +199,23 @@ def test_fake_native_second_backward_copies_the_workspace(fake, native):
 
 
 @fake_only
-def test_fake_native_refuses_kernels_that_declare_other_parameters(fake, native, caplog):
+def test_fake_native_refuses_kernels_that_declare_other_parameters(fake, native, caplog, monkeypatch):
     """A kernel whose declared parameters differ from the recorded arguments (another Triton's packing) is never
     launched natively: a warning, and the Python path from then on."""
     from evonorm import triton_kernels
 
     layer = make_pair("b2", 24)[0]
     x = sample((5, 24, 3, 3), torch.float16).requires_grad_()
+    original = triton_native._program
+
+    def one_more_argument(launches, slots):
+        for compiled, _, _ in launches:  # a kernel that takes one more 4-byte parameter than Triton packs
+            fake.set_params(compiled.function, [4, *fake.params[compiled.function]])
+        return original(launches, slots)
+
+    monkeypatch.setattr(triton_native, "_program", one_more_argument)
     with caplog.at_level(logging.WARNING, logger="evonorm.triton_native"):
-        original = triton_native._program
-
-        def one_more_argument(launches, slots):
-            for compiled, _, _ in launches:  # a kernel that takes one more 4-byte parameter than Triton packs
-                fake.set_params(compiled.function, [4, *fake.params[compiled.function]])
-            return original(launches, slots)
-
-        triton_native._program = one_more_argument
-        try:
-            layer(x).sum().backward()
-        finally:
-            triton_native._program = original
+        layer(x).sum().backward()
     assert "native Triton launches failed" in caplog.text and "bytes" in caplog.text
     assert not triton_native.enabled() and triton_native.module().program_count() == 0
     assert not fused._triton_state["failed"] and triton_kernels.RECORDED is None

@@ -2,10 +2,13 @@
 // input (statistics, then output; sums, then input gradient) with the small per-(n, c), per-group and per-channel
 // algebra in between, instead of ~40-110 ATen calls. Same formulas and evaluation order as the eager stages of
 // evonorm/fused.py (which documents the derivations); sums accumulate in double like ATen's CPU reductions.
-// Built by evonorm/cpu_kernels.py; registered as torch.ops.evonorm_cpu.*.
+// A layer call is one C++ autograd node (batch_act, sample_act): on small maps the bookkeeping of a Python autograd
+// function costs more than these kernels. Built by evonorm/cpu_kernels.py; registered as torch.ops.evonorm_cpu.*.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "once_differentiable.h"
 
 #include <cmath>
 #include <cstdint>
@@ -15,6 +18,8 @@
 namespace {
 
 using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 constexpr int64_t kGrain = 1 << 15;  // elements per thread at least: smaller maps run on one thread
 // Sums over a row: float partial sums over blocks of kBlock elements (16 per SIMD lane), added up in double. As
@@ -348,6 +353,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sample_backward(const Tensor& x, cons
   return {grad_x, grad_weight, grad_bias, grad_v};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Layer calls. The kernels go through the dispatcher, as when Python calls them (operator counts see them).
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> kernel(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::optional<Tensor> optional(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
+
+// x is saved as given and made contiguous again in backward; v undefined for B1 and B2.
+struct BatchAct : torch::autograd::Function<BatchAct> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                        const std::optional<Tensor>& v, const Tensor& running_var, int64_t variant, double eps,
+                        double momentum, bool training) {
+    static auto op = kernel<decltype(batch_forward)>("evonorm_cpu::batch_forward");
+    auto [y, mean, var, batch_std] = op.call(x.contiguous(), weight, bias, v, running_var, variant, eps, momentum,
+                                             training);
+    ctx->save_for_backward({x, weight, v.value_or(Tensor()), mean, var, batch_std});
+    ctx->saved_data["variant"] = variant;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["training"] = training;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = kernel<decltype(batch_backward)>("evonorm_cpu::batch_backward");
+    return evonorm::once_differentiable(grads, [&]() -> variable_list {
+      auto s = ctx->get_saved_variables();
+      auto [gx, gw, gb, gv] = op.call(s[0].contiguous(), grads[0].contiguous(), s[1], optional(s[2]), s[3], s[4],
+                                      s[5], ctx->saved_data["variant"].toInt(), ctx->saved_data["eps"].toDouble(),
+                                      ctx->saved_data["training"].toBool());
+      return {gx, gw, gb, s[2].defined() ? gv : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    });
+  }
+};
+
+// v undefined for S1 and S2; the mean is saved where the statistics are centered (S0, S1).
+struct SampleAct : torch::autograd::Function<SampleAct> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                        const std::optional<Tensor>& v, int64_t groups, double eps, bool centered) {
+    static auto op = kernel<decltype(sample_forward)>("evonorm_cpu::sample_forward");
+    auto [y, mean, rstd] = op.call(x.contiguous(), weight, bias, v, groups, eps, centered);
+    ctx->save_for_backward({x, weight, v.value_or(Tensor()), centered ? mean : Tensor(), rstd});
+    ctx->saved_data["groups"] = groups;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = kernel<decltype(sample_backward)>("evonorm_cpu::sample_backward");
+    return evonorm::once_differentiable(grads, [&]() -> variable_list {
+      auto s = ctx->get_saved_variables();
+      auto [gx, gw, gb, gv] = op.call(s[0].contiguous(), grads[0].contiguous(), s[1], optional(s[2]),
+                                      optional(s[3]), s[4], ctx->saved_data["groups"].toInt());
+      return {gx, gw, gb, s[2].defined() ? gv : Tensor(), Tensor(), Tensor(), Tensor()};
+    });
+  }
+};
+
+Tensor batch_act(const Tensor& x, const Tensor& weight, const Tensor& bias, const std::optional<Tensor>& v,
+                 const Tensor& running_var, int64_t variant, double eps, double momentum, bool training) {
+  return BatchAct::apply(x, weight, bias, v, running_var, variant, eps, momentum, training);
+}
+
+Tensor sample_act(const Tensor& x, const Tensor& weight, const Tensor& bias, const std::optional<Tensor>& v,
+                  int64_t groups, double eps, bool centered) {
+  return SampleAct::apply(x, weight, bias, v, groups, eps, centered);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(evonorm_cpu, m) {
@@ -359,6 +433,10 @@ TORCH_LIBRARY(evonorm_cpu, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("sample_backward(Tensor x, Tensor grad_y, Tensor weight, Tensor? v, Tensor? mean, Tensor rstd, "
         "int groups) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_act(Tensor x, Tensor weight, Tensor bias, Tensor? v, Tensor(a!) running_var, int variant, "
+        "float eps, float momentum, bool training) -> Tensor");
+  m.def("sample_act(Tensor x, Tensor weight, Tensor bias, Tensor? v, int groups, float eps, bool centered) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(evonorm_cpu, CPU, m) {
@@ -366,4 +444,11 @@ TORCH_LIBRARY_IMPL(evonorm_cpu, CPU, m) {
   m.impl("batch_backward", batch_backward);
   m.impl("sample_forward", sample_forward);
   m.impl("sample_backward", sample_backward);
+}
+
+// The layer calls run above autograd (CompositeImplicitAutograd): their autograd function records the node, and
+// the kernels it calls dispatch to CPU.
+TORCH_LIBRARY_IMPL(evonorm_cpu, CompositeImplicitAutograd, m) {
+  m.impl("batch_act", batch_act);
+  m.impl("sample_act", sample_act);
 }

@@ -2,7 +2,8 @@
 
 On small maps the eager stages' cost is per call, not per byte (~40-110 ATen calls, each a few microseconds, and the
 Python between them). The C++ kernels do the same arithmetic in two passes over the input per direction, with the
-per-(n, c) algebra in between and loops the compiler vectorizes.
+per-(n, c) algebra in between and loops the compiler vectorizes; a layer call (``batch_act``, ``sample_act``) is a
+C++ autograd node around them, since a Python autograd function alone costs more than they do on small maps.
 
 They are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; some 20 s, once per
 machine and CPU capability: the build directory is cached under ``TORCH_EXTENSIONS_DIR``, default

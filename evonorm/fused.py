@@ -14,8 +14,9 @@ element-wise parts in backward and use analytic gradients (derived in the ``*_co
   * ``*_eager``: one ATen kernel per step, in place in at most two temporaries. On CPU a fresh input-sized buffer
     costs more than the arithmetic done in it, per-(n, c) sums of products come from the batch-norm backward
     reduction (no product tensor) and branch masks use ``threshold_backward`` (boolean masks are slow).
-- CPU float32 inputs: one C++ call per forward and per backward (``evonorm.cpu_kernels``, built on first use), the
-  same formulas with the per-(n, c) algebra between two vectorized passes; the eager stages where the build fails.
+- CPU float32 inputs: a layer call is one C++ autograd node (``evonorm.cpu_kernels``, built on first use) whose
+  forward and backward are one kernel call each, the same formulas with the per-(n, c) algebra between two
+  vectorized passes; the eager stages (these autograd functions) where the build fails.
 - CUDA (float32, float16 and bfloat16 inputs): the whole layer call is a few Triton launches
   (``evonorm.triton_kernels``, imported on first use; two forward, two backward, fewer on small maps) that also do
   the small per-(n, c), per-group and per-channel algebra and the running-variance update, reading and writing half
@@ -363,7 +364,7 @@ class EvoNormBatchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, running_var, variant: str, eps: float, momentum: float,
                 training: bool):
-        # Triton launches and the C++ kernels: autocast does not touch them (and its context costs host time)
+        # Triton launches: autocast does not touch them (and its context costs host time)
         y, ws, stats = None, None, (None, None, None)
         if _use_triton(x, weight):
             xc = x.contiguous()
@@ -375,11 +376,6 @@ class EvoNormBatchFn(torch.autograd.Function):
                     ctx.native_key = triton_native.add_forward(
                         triton_native.BATCH, launches, y, ws, xc, weight, bias, v, running_var,
                         BATCH_VARIANTS.index(variant), eps, momentum, training)
-        elif _use_cpu_kernels(x, weight, bias, v, running_var):
-            out = _run_cpu("batch_forward", x.contiguous(), weight, bias, v, running_var,
-                           BATCH_VARIANTS.index(variant), eps, momentum, training)
-            if out is not None:
-                y, *stats = out
         if y is None:
             with torch.autocast(x.device.type, enabled=False):
                 y, stats = _batch_forward(x, weight, bias, v, running_var, variant, eps, momentum, training)
@@ -404,9 +400,6 @@ class EvoNormBatchFn(torch.autograd.Function):
             if grads is None:
                 from .triton_kernels import batch_saved_stats
                 stats = batch_saved_stats(ws, *x.shape[:2])
-        elif _use_cpu_kernels(x, grad_y, weight, v, stats[0]):
-            grads = _run_cpu("batch_backward", x.contiguous(), grad_y.contiguous(), weight, v, *stats,
-                             BATCH_VARIANTS.index(ctx.variant), ctx.eps, ctx.training)
         if grads is None:
             with torch.autocast(x.device.type, enabled=False):
                 grads = _batch_backward(x, grad_y, weight, v, stats, ctx.variant, ctx.eps, ctx.training)
@@ -535,7 +528,7 @@ class EvoNormSampleFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x, weight, bias, v, groups: int, eps: float, centered: bool):
-        # Triton launches and the C++ kernels: autocast does not touch them (and its context costs host time)
+        # Triton launches: autocast does not touch them (and its context costs host time)
         y, ws, stats = None, None, (None, None)
         if _use_triton(x, weight):
             xc = x.contiguous()
@@ -546,11 +539,6 @@ class EvoNormSampleFn(torch.autograd.Function):
                 if launches:
                     ctx.native_key = triton_native.add_forward(
                         triton_native.SAMPLE, launches, y, ws, xc, weight, bias, v, None, groups, eps, 0.0, centered)
-        elif _use_cpu_kernels(x, weight, bias, v):
-            out = _run_cpu("sample_forward", x.contiguous(), weight, bias, v, groups, eps, centered)
-            if out is not None:
-                y, mean, rstd = out
-                stats = mean if centered else None, rstd
         if y is None:
             with torch.autocast(x.device.type, enabled=False):
                 y, stats = _sample_forward(x, weight, bias, v, groups, eps, centered)
@@ -575,8 +563,6 @@ class EvoNormSampleFn(torch.autograd.Function):
             if grads is None:
                 from .triton_kernels import sample_saved_stats
                 stats = sample_saved_stats(ws, *x.shape[:2], ctx.groups, ctx.centered)
-        elif _use_cpu_kernels(x, grad_y, weight, v, stats[1]):
-            grads = _run_cpu("sample_backward", x.contiguous(), grad_y.contiguous(), weight, v, *stats, ctx.groups)
         if grads is None:
             with torch.autocast(x.device.type, enabled=False):
                 grads = _sample_backward(x, grad_y, weight, v, stats)
@@ -591,9 +577,15 @@ def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: 
     """EvoNorm B0/B1/B2 with activation; in training the running variance is updated in place."""
     if variant not in BATCH_VARIANTS:
         raise ValueError(f"variant must be one of {BATCH_VARIANTS}, got {variant!r}")
-    if triton_native.enabled() and _use_triton(x, weight):
-        y = triton_native.call(triton_native.BATCH, x, weight, bias, v, running_var, BATCH_VARIANTS.index(variant),
-                               eps, momentum, training)
+    if _use_triton(x, weight):
+        if triton_native.enabled():
+            y = triton_native.call(triton_native.BATCH, x, weight, bias, v, running_var,
+                                   BATCH_VARIANTS.index(variant), eps, momentum, training)
+            if y is not None:
+                return y
+    elif _use_cpu_kernels(x, weight, bias, v, running_var):
+        y = _run_cpu("batch_act", x, weight, bias, v, running_var, BATCH_VARIANTS.index(variant), eps, momentum,
+                     training)
         if y is not None:
             return y
     return EvoNormBatchFn.apply(x, weight, bias, v, running_var, variant, eps, momentum, training)
@@ -602,8 +594,13 @@ def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: 
 def evonorm_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: torch.Tensor | None, *,
                    groups: int, eps: float, centered: bool) -> torch.Tensor:
     """EvoNorm S0 (v given), S1 (v None, centered) or S2 (v None, not centered) with activation."""
-    if triton_native.enabled() and _use_triton(x, weight):
-        y = triton_native.call(triton_native.SAMPLE, x, weight, bias, v, None, groups, eps, 0.0, centered)
+    if _use_triton(x, weight):
+        if triton_native.enabled():
+            y = triton_native.call(triton_native.SAMPLE, x, weight, bias, v, None, groups, eps, 0.0, centered)
+            if y is not None:
+                return y
+    elif _use_cpu_kernels(x, weight, bias, v):
+        y = _run_cpu("sample_act", x, weight, bias, v, groups, eps, centered)
         if y is not None:
             return y
     return EvoNormSampleFn.apply(x, weight, bias, v, groups, eps, centered)

@@ -23,6 +23,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "once_differentiable.h"
+
 namespace {
 
 using torch::Tensor;
@@ -230,6 +232,10 @@ struct LayerFn : public torch::autograd::Function<LayerFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return evonorm::once_differentiable(grads, [&] { return launch_backward(ctx, grads); });
+  }
+
+  static variable_list launch_backward(AutogradContext* ctx, const variable_list& grads) {
     auto saved = ctx->get_saved_variables();
     const Tensor &weight = saved[1], &v = saved[2];
     Tensor x = saved[0].contiguous(), ws = saved[3];

@@ -224,15 +224,24 @@ def test_channels_last_input(name, stages):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_double_backward_needs_reference_impl():
-    fast, ref = make_pair("s0", 8)
+@pytest.mark.parametrize("name", ["b0", "s0"])
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu_kernels", "eager"])
+def test_double_backward_needs_reference_impl(name, cpu_kernels, monkeypatch):
+    """The fast backward is first-order only, in the C++ autograd node as in the Python one: its gradients raise when
+    differentiated again (a wrong second derivative would pass silently if they were taken for constants)."""
+    monkeypatch.setitem(fused._compile_state, "mode", "auto" if cpu_kernels else "off")
+    fast, ref = make_pair(name, 8)
     for layer, works in ((ref, True), (fast, False)):
         x = sample((2, 8, 3, 3)).requires_grad_()
-        (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        y = layer(x)
+        if not works:
+            python_fn = "EvoNormBatchFnBackward" if name == "b0" else "EvoNormSampleFnBackward"
+            assert type(y.grad_fn).__name__ == ("CppFunction" if cpu_kernels else python_fn)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         if works:
             gx.sum().backward()
         else:
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RuntimeError, match="differentiate twice"):
                 gx.sum().backward()
 
 

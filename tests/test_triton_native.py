@@ -199,6 +199,20 @@ def test_fake_native_second_backward_copies_the_workspace(fake, native):
 
 
 @fake_only
+def test_fake_native_backward_is_first_order_only(fake, native):
+    """As on the Python path (once_differentiable): under create_graph a native call's gradients raise when
+    differentiated again, rather than pass for constants."""
+    layer = make_pair("s0", 8)[0]
+    x = sample((2, 8, 3, 3)).requires_grad_()
+    layer(x).square().sum().backward()  # records the key (an aligned gradient, as below)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+@fake_only
 def test_fake_native_refuses_kernels_that_declare_other_parameters(fake, native, caplog, monkeypatch):
     """A kernel whose declared parameters differ from the recorded arguments (another Triton's packing) is never
     launched natively: a warning, and the Python path from then on."""

@@ -225,6 +225,23 @@ def test_channels_last_input(name, stages):
 
 
 @pytest.mark.parametrize("name", ["b0", "s0"])
+def test_second_backward_of_a_retained_graph(name, stages):
+    """Two backwards through one call (retain_graph) accumulate the reference's gradients twice: what a call saves
+    stays intact after its first backward."""
+    fast, ref = make_pair(name, 16)
+    grad_y = sample((4, 16, 5, 3), seed=2)
+    grads = []
+    for layer in (fast, ref):
+        x = sample((4, 16, 5, 3)).requires_grad_()
+        y = layer(x)
+        y.backward(grad_y, retain_graph=True)
+        y.backward(grad_y)
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["b0", "s0"])
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu_kernels", "eager"])
 def test_double_backward_needs_reference_impl(name, cpu_kernels, monkeypatch):
     """The fast backward is first-order only, in the C++ autograd node as in the Python one: its gradients raise when

@@ -25,7 +25,8 @@ element-wise parts in backward and use analytic gradients (derived in the ``*_co
   missing triton) warns once and falls back to the eager stages (a backward whose forward ran on Triton takes its
   statistics from the Triton workspace).
 - Half inputs: statistics and arithmetic in float32, output and input gradient in the input dtype.
-- Backward is first-order only (``once_differentiable``): use ``impl="reference"`` for double backward.
+- Backward is first-order only (``once_differentiable``), and torch.func transforms and forward-mode AD raise: use
+  ``impl="reference"`` for those.
 """
 from __future__ import annotations
 
@@ -114,17 +115,9 @@ def _run_compiled(stage: Callable, *args):
         return None
 
 
-def _run_fused(state: dict, kernels: Callable, name: str, args: tuple, failure: str):
-    """kernels().<name>(*args); None when that path fails (warns once with ``failure`` and marks ``state``) or
-    failed before."""
-    if state["failed"]:
-        return None
-    try:
-        return getattr(kernels(), name)(*args)
-    except Exception as err:
-        log.warning("evonorm: %s, using the eager kernels from now on (%s: %s)", failure, type(err).__name__, err)
-        state["failed"] = True
-        return None
+def _fail(state: dict, failure: str, err: Exception) -> None:
+    log.warning("evonorm: %s, using the eager kernels from now on (%s: %s)", failure, type(err).__name__, err)
+    state["failed"] = True
 
 
 def _triton_kernels():
@@ -135,14 +128,27 @@ def _triton_kernels():
 def _run_triton(name: str, *args):
     """evonorm.triton_kernels.<name>(*args); None when triton is missing or a launch fails (ImportError, no driver,
     compilation error, out of resources, ...) or failed before."""
-    return _run_fused(_triton_state, _triton_kernels, name, args, "Triton stages failed")
+    if _triton_state["failed"]:
+        return None
+    try:
+        return getattr(_triton_kernels(), name)(*args)
+    except Exception as err:
+        _fail(_triton_state, "Triton stages failed", err)
+        return None
 
 
 def _run_cpu(name: str, *args):
     """torch.ops.evonorm_cpu.<name>(*args); None when the build fails (no C++ compiler or ninja, build error) or
-    failed before."""
-    return _run_fused(_cpu_state, cpu_kernels.ops, name, args,
-                      "the fused CPU kernels are unavailable (they need a C++ compiler and ninja)")
+    failed before. A call's own errors propagate: its inputs are what the layers guarantee, and what rejects the
+    C++ autograd function (torch.func transforms, forward-mode AD, out of memory) rejects the eager stages too."""
+    if _cpu_state["failed"]:
+        return None
+    try:
+        ops = cpu_kernels.ops()
+    except Exception as err:
+        _fail(_cpu_state, "the fused CPU kernels are unavailable (they need a C++ compiler and ninja)", err)
+        return None
+    return getattr(ops, name)(*args)
 
 
 def _run_stages(rows_stages: Callable, eager_stages: Callable, x: torch.Tensor, args: tuple):

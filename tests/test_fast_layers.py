@@ -5,6 +5,7 @@ On CPU a layer call runs the fused C++ kernels (float32), the eager kernels, or 
 torch.compile; the ``stages`` fixture runs each test on all three (the plain ones uncompiled: compiling costs seconds
 per kernel; one test compiles them all). float64 and half inputs never take the C++ kernels.
 """
+import contextlib
 import copy
 import json
 import logging
@@ -346,6 +347,25 @@ def test_cpu_kernels_in_threads_match_reference(monkeypatch):
         for got, want in zip(run(fast, x, grad_y), run(ref, x, grad_y)):
             assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
     assert not fused._cpu_state["failed"]
+
+
+def test_transforms_need_the_reference_impl_and_leave_cpu_kernels_on(monkeypatch):
+    """torch.func transforms and forward-mode AD reject the fast layers (custom first-order autograd functions) with
+    an error, not a fallback that would turn the fused CPU kernels off for the calls after; impl="reference" runs."""
+    import torch.autograd.forward_ad as fwAD
+
+    monkeypatch.setitem(fused._compile_state, "mode", "auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", False)
+    x = sample((4, 16, 5, 5))
+    fast, ref = make_pair("s0", 16)
+    for layer, works in ((ref, True), (fast, False)):
+        params = {k: v.detach() for k, v in layer.named_parameters()}
+        with pytest.raises(RuntimeError, match="functorch transforms") if not works else contextlib.nullcontext():
+            torch.func.grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+        with pytest.raises(RuntimeError, match="jvp") if not works else contextlib.nullcontext(), fwAD.dual_level():
+            layer(fwAD.make_dual(x, torch.ones_like(x)))
+    assert not fused._cpu_state["failed"]
+    assert type(fast(x.requires_grad_()).grad_fn).__name__ == "CppFunction"
 
 
 def test_failed_cpu_kernel_build_falls_back_to_eager(monkeypatch, caplog):

@@ -16,7 +16,7 @@ element-wise parts in backward and use analytic gradients (derived in the ``*_co
     reduction (no product tensor) and branch masks use ``threshold_backward`` (boolean masks are slow).
 - CPU float32 inputs: a layer call is one C++ autograd node (``evonorm.cpu_kernels``, built on first use) whose
   forward and backward are one kernel call each, the same formulas with the per-(n, c) algebra between two
-  vectorized passes; the eager stages (these autograd functions) where the build fails.
+  vectorized passes. Where the build fails, the eager stages, in the Python autograd functions below.
 - CUDA (float32, float16 and bfloat16 inputs): the whole layer call is a few Triton launches
   (``evonorm.triton_kernels``, imported on first use; two forward, two backward, fewer on small maps) that also do
   the small per-(n, c), per-group and per-channel algebra and the running-variance update, reading and writing half

@@ -22,7 +22,7 @@ torch::autograd::variable_list once_differentiable(const torch::autograd::variab
   }
   if (!differentiable) return grads;
   for (auto& g : grads) {
-    if (g.defined()) g = g.detach().requires_grad_();  // so that the error node has inputs to be reached from
+    if (g.defined()) g = g.detach().requires_grad_();  // aliases that require grad: the error node attaches to them
   }
   auto error = std::make_shared<torch::autograd::DelayedError>(
       "trying to differentiate twice a function that was marked with @once_differentiable",

@@ -267,6 +267,16 @@ bool needs_grad(std::initializer_list<const Tensor*> tensors) {
   return false;
 }
 
+// torch.func transforms and forward-mode AD take no C++ autograd function, and would fail it after its launches:
+// such calls take the Python path, which rejects them with its own error, and native launches stay on.
+bool python_only(std::initializer_list<const Tensor*> tensors) {
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) return true;
+  for (const Tensor* t : tensors) {
+    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
 // None: no program for this key (or none for its backward where a gradient is needed): the caller takes the
 // Python path, which records one.
 std::optional<Tensor> call(int64_t kind, const Tensor& x, const Tensor& weight, const Tensor& bias,
@@ -274,6 +284,7 @@ std::optional<Tensor> call(int64_t kind, const Tensor& x, const Tensor& weight, 
                            int64_t option, double eps, double momentum, bool flag) {
   if (!driver.launch) return std::nullopt;
   Tensor v = v_in.value_or(Tensor()), running_var = running_var_in.value_or(Tensor());
+  if (python_only({&x, &weight, &bias, &v})) return std::nullopt;
   Program* program = find(make_key(kind, x, weight, bias, v, running_var, option, eps, momentum, flag));
   if (!program) return std::nullopt;
   if (needs_grad({&x, &weight, &bias, &v})) {

@@ -213,6 +213,24 @@ def test_fake_native_backward_is_first_order_only(fake, native):
 
 
 @fake_only
+def test_fake_native_leaves_transforms_to_the_python_path(fake, native):
+    """torch.func transforms and forward-mode AD get the Python path's error, and native launches stay on (a failure
+    of the C++ autograd function would have turned them off)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    layer = make_pair("b0", 8)[0]
+    x = sample((2, 8, 3, 3))
+    layer(x.requires_grad_()).sum().backward()  # records the key
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda p: functional_call(layer, p, (x.detach(),)).sum())(params)
+    with pytest.raises(RuntimeError, match="jvp"), fwAD.dual_level():
+        layer(fwAD.make_dual(x.detach(), torch.ones_like(x)))
+    assert triton_native.enabled() and type(layer(x).grad_fn).__name__ == "CppFunction"
+
+
+@fake_only
 def test_fake_native_refuses_kernels_that_declare_other_parameters(fake, native, caplog, monkeypatch):
     """A kernel whose declared parameters differ from the recorded arguments (another Triton's packing) is never
     launched natively: a warning, and the Python path from then on."""

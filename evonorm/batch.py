@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .common import check_impl, check_input, check_linear, per_channel, stats_dtype
+from .common import IMPLS, LINEAR_MODES, check_choice, check_input, per_channel, stats_dtype
 from .fused import evonorm_batch, update_running_var
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class _EvoNormBatch(nn.Module):
         self.apply_act = apply_act
         self.eps = eps
         self.momentum = momentum
-        self.linear = check_linear(linear)
-        self.impl = check_impl(impl)
+        self.linear = check_choice(linear, LINEAR_MODES, "linear")
+        self.impl = check_choice(impl, IMPLS, "impl")
         self.sync_stats = sync_stats
         if sync_stats:
             _log_sync_stats()

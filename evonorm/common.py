@@ -26,16 +26,11 @@ def check_input(module: torch.nn.Module, x: torch.Tensor, num_features: int) -> 
         )
 
 
-def check_linear(linear: str) -> str:
-    if linear not in LINEAR_MODES:
-        raise ValueError(f"linear must be one of {LINEAR_MODES}, got {linear!r}")
-    return linear
-
-
-def check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    """``value`` if it is one of ``choices``; else a ValueError naming ``what`` (an argument or variable) and them."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
+    return value
 
 
 def per_channel(t: torch.Tensor) -> torch.Tensor:

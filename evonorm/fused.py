@@ -39,7 +39,7 @@ import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from . import cpu_kernels, triton_native
-from .common import stats_dtype
+from .common import check_choice, stats_dtype
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -59,16 +59,11 @@ _cpu_state: dict = {"failed": False}
 
 def set_compile(mode: str) -> None:
     """Choose when the input-sized stages go through torch.compile or Triton (``COMPILE_MODES``)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    _compile_state["mode"] = mode
+    _compile_state["mode"] = check_choice(mode, COMPILE_MODES, "compile mode")
 
 
 def _compile_mode() -> str:
-    mode = _compile_state["mode"]
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"EVONORM_COMPILE must be one of {COMPILE_MODES}, got {mode!r}")
-    return mode
+    return check_choice(_compile_state["mode"], COMPILE_MODES, "EVONORM_COMPILE")
 
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -581,8 +576,7 @@ def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: 
                   running_var: torch.Tensor, *, variant: str, eps: float, momentum: float,
                   training: bool) -> torch.Tensor:
     """EvoNorm B0/B1/B2 with activation; in training the running variance is updated in place."""
-    if variant not in BATCH_VARIANTS:
-        raise ValueError(f"variant must be one of {BATCH_VARIANTS}, got {variant!r}")
+    check_choice(variant, BATCH_VARIANTS, "variant")
     if _use_triton(x, weight):
         if triton_native.enabled():
             y = triton_native.call(triton_native.BATCH, x, weight, bias, v, running_var,

@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from .common import check_impl, check_input, check_linear, per_channel, resolve_groups, stats_dtype
+from .common import IMPLS, LINEAR_MODES, check_choice, check_input, per_channel, resolve_groups, stats_dtype
 from .fused import evonorm_sample
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ class _EvoNormSample(nn.Module):
                       self.groups, groups)
         self.apply_act = apply_act
         self.eps = eps
-        self.linear = check_linear(linear)
-        self.impl = check_impl(impl)
+        self.linear = check_choice(linear, LINEAR_MODES, "linear")
+        self.impl = check_choice(impl, IMPLS, "impl")
         if not apply_act and linear == "normalize":
             log.info("%s(%d): linear='normalize' divides by the group statistic (the reference is affine only)",
                      type(self).__name__, num_features)

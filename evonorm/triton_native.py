@@ -21,6 +21,7 @@ from functools import cache
 
 import torch
 
+from .common import check_choice
 from .cpu_kernels import cpp_extension
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,11 @@ _state: dict = {"mode": os.environ.get("EVONORM_TRITON_LAUNCH", "python"), "fail
 
 def set_launch(mode: str) -> None:
     """Choose how the Triton kernels of a CUDA layer call are launched (``LAUNCH_MODES``)."""
-    if mode not in LAUNCH_MODES:
-        raise ValueError(f"Triton launch mode must be one of {LAUNCH_MODES}, got {mode!r}")
-    _state["mode"] = mode
+    _state["mode"] = check_choice(mode, LAUNCH_MODES, "Triton launch mode")
 
 
 def enabled() -> bool:
-    mode = _state["mode"]
-    if mode not in LAUNCH_MODES:
-        raise ValueError(f"EVONORM_TRITON_LAUNCH must be one of {LAUNCH_MODES}, got {mode!r}")
-    return mode == "native" and not _state["failed"]
+    return check_choice(_state["mode"], LAUNCH_MODES, "EVONORM_TRITON_LAUNCH") == "native" and not _state["failed"]
 
 
 def driver_path() -> str:

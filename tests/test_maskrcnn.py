@@ -20,7 +20,7 @@ from tasks.common.images import CAPTION_HEIGHT
 from tasks.maskrcnn.data import DetectionData, read_coco, Split
 from tasks.maskrcnn.evaluation import coco_ap
 from tasks.maskrcnn.model import BackboneCheckpointError, build_maskrcnn
-from tasks.maskrcnn.module import MaskRCNNModule
+from tasks.maskrcnn.module import MaskRCNNModule, panel_content
 from tasks.maskrcnn.scenes import ensure_fashion_scenes
 
 from conftest import CONF_DIR
@@ -84,6 +84,46 @@ def test_roi_sampling_ratio_reaches_both_poolers(tmp_path):
         cpu = compose("config", overrides=["task=maskrcnn", f"output_dir={tmp_path}"])
         coco = compose("config", overrides=["experiment=maskrcnn_r50_fpn_coco", f"output_dir={tmp_path}"])
     assert (cpu.task.model.roi_sampling_ratio, coco.task.model.roi_sampling_ratio) == (1, 2)
+
+
+def test_training_draws_sizes_from_train_sizes_only_and_evaluation_uses_test_size():
+    model = build_maskrcnn(evonorm.norm_act_factory("b0"), 3, **{**TINY_MODEL, "train_sizes": (40, 48),
+                                                                  "test_size": 64, "max_size": 200})
+    image = [torch.rand(3, 64, 64)]
+    model.train()
+    torch.manual_seed(0)
+    drawn = {tuple(model.transform(image)[0].image_sizes[0]) for _ in range(40)}
+    assert drawn == {(40, 40), (48, 48)}  # never the test size
+    model.eval()
+    assert model.transform(image)[0].image_sizes == [(64, 64)]
+    model.train()
+    assert model.transform.min_size == (40, 48)
+
+
+def mask_rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def test_mask_ap_sorts_detections_into_sizes_by_mask_area_not_box_area():
+    truth = np.zeros((200, 200))
+    truth[10:30, 10:30] = 1  # a small object (400 px)
+    thin = np.zeros((200, 200))
+    thin[100:200, 100:102] = thin[100:102, 100:200] = 1  # a false positive: small mask (~400 px), large box
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "height": 200, "width": 200}], "categories": [{"id": 5, "name": "a"}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 20, 20],
+                                     "area": 400.0, "iscrowd": 0, "segmentation": mask_rle(truth)}]}
+    coco.createIndex()
+    results = [{"image_id": 1, "category_id": 5, "bbox": [100, 100, 100, 100], "score": 0.9,
+                "segmentation": mask_rle(thin)},
+               {"image_id": 1, "category_id": 5, "bbox": [10, 10, 20, 20], "score": 0.8,
+                "segmentation": mask_rle(truth)}]
+    metrics = coco_ap(coco, results, [1])
+    assert metrics["segm_AP"] == pytest.approx(0.5, abs=0.01)
+    assert metrics["segm_APs"] == pytest.approx(0.5, abs=0.01)  # by box area the false positive would not count
+    assert metrics["bbox_APs"] == pytest.approx(1.0)  # for boxes it is a large detection: not among the small
 
 
 def test_zero_roi_batches_keep_running_var_finite_and_empty_predictions_score_zero():
@@ -246,6 +286,8 @@ BROKEN_ANNOTATION_FILES = {
     "val image of another size": (lambda c: c["images"][2].update(height=80, width=64), "val",
                                   r"1 of the 4 evaluated val images differ from .*: p3.png is 64x80, annotated 80x64",
                                   {}),
+    "string image id": (lambda c: c["images"][0].update(id="p1"), "train",
+                        r"1 images with a missing or bad field: entry #0 \(id\)", {}),
     "val_size images unannotated": (lambda c: c.update(annotations=[a for a in c["annotations"] if a["image_id"] > 2]),
                                     "val", r"first 2 val images .*task.data.val_size=2", {"val_size": 2}),
 }
@@ -265,6 +307,27 @@ def test_broken_annotation_file_is_refused_up_front_naming_file_and_entries(fore
         DetectionData(name="coco", steps=2, batch_size=2, train_images=str(images), val_images=str(images),
                       **{k: str(v) for k, v in anns.items()}, **settings)
     assert str(broken) in str(error.value)
+
+
+def test_annotations_without_area_or_iscrowd_are_completed_for_cocoeval(foreign_coco, tmp_path, caplog):
+    images, content = foreign_coco
+    full = {a["id"]: a for a in content["annotations"]}
+    bare = json.loads(json.dumps(content))
+    for a in bare["annotations"]:
+        del a["area"], a["iscrowd"]
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    with caplog.at_level(logging.WARNING):
+        data = DetectionData(name="coco", steps=2, batch_size=2, train_images=str(images), val_images=str(images),
+                             train_ann=str(tmp_path / "bare.json"), val_ann=str(tmp_path / "bare.json"))
+    assert "6 annotations without iscrowd taken as 0 (not crowd), 6 without area given their mask's area" in \
+        caplog.text
+    kept = [a for anns in data.val_coco.coco.imgToAnns.values() for a in anns]
+    assert len(kept) == 6 and all(a["iscrowd"] == 0 for a in kept)
+    assert [a["area"] for a in kept if isinstance(a["segmentation"], dict)] == [750.0] * 3  # the 25 x 30 RLE masks
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": full[a["id"]]["bbox"],
+                "score": 1.0, "segmentation": data.val_coco.coco.annToRLE(a)} for a in kept]
+    metrics = coco_ap(data.val_coco.coco, results, data.val_coco.ids)  # COCOeval reads both fields
+    assert metrics["segm_AP"] == pytest.approx(1.0) and metrics["bbox_AP"] == pytest.approx(1.0)
 
 
 def test_undecodable_image_is_named_at_its_step(foreign_coco, tmp_path):
@@ -317,6 +380,11 @@ def test_nonpositive_sizes_are_refused_before_any_data_is_read(key):
         DetectionData(name="coco", **{key: 0})  # no paths given: reading anything would fail differently
 
 
+def test_steps_that_epochs_do_not_divide_are_refused():
+    with pytest.raises(ValueError, match=r"task.steps=1001 is not a multiple of task.epochs=2 .*task.steps=1000"):
+        DetectionData(name="coco", steps=1001, epochs=2)
+
+
 def classification_checkpoint(tmp_path, arch, norm):
     """What a task=classification run leaves: <run>/checkpoints/last.ckpt and <run>/results.json."""
     from tasks.classification.module import ClassificationModule
@@ -354,8 +422,10 @@ def test_drawn_panels_show_confident_predictions_else_the_best_in_grey():
         return {"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]).repeat(n, 1), "labels": torch.ones(n, dtype=torch.int64),
                 "scores": torch.tensor(scores), "masks": mask.repeat(n, 1, 1, 1)}
 
-    module.drawn = [(image, detections([0.9, 0.1])), (image, detections([0.2, 0.1, 0.05, 0.01])),
-                    (image, detections([]))]
+    module.drawn = [panel_content(image, detections(scores), 0.3)
+                    for scores in ([0.9, 0.1], [0.2, 0.1, 0.05, 0.01], [])]
+    assert [len(shown["boxes"]) for _, shown, _, _ in module.drawn] == [1, 3, 0]  # only what is drawn is kept
+    assert all(shown["masks"].dtype == torch.bool for _, shown, _, _ in module.drawn)
     grid = module.draw_predictions()
     panel = 256 + CAPTION_HEIGHT  # 64 px images upscaled to 256
     assert grid.shape == (3, panel + 8, 3 * (256 + 4) + 4)

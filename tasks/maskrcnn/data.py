@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
@@ -66,12 +66,13 @@ def bad_fields(entry, needs: tuple[str, ...]) -> list[str]:
     """The fields of ``needs`` that ``entry`` lacks or holds a wrong type in (ids become dict keys)."""
     if not isinstance(entry, dict):
         return ["not an object"]
-    valid = {"height": is_size, "width": is_size, "file_name": lambda v: isinstance(v, str)}
+    is_text = lambda v: isinstance(v, str)  # noqa: E731
+    valid = {"height": is_size, "width": is_size, "file_name": is_text, "name": is_text}
     return [k for k in needs if k not in entry or not valid.get(k, is_id)(entry[k])]
 
 
-def is_id(value) -> bool:
-    return isinstance(value, (int, str)) and not isinstance(value, bool)
+def is_id(value) -> bool:  # pycocotools takes a string id for a list of ids (its characters)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def is_size(value) -> bool:
@@ -162,6 +163,23 @@ def drop_unusable_annotations(dataset: CocoDetection, where: Path, keep_crowd: b
     if any(dropped.values()):
         log.warning("%s: dropped %s", where, describe_dropped(dropped))
     return dropped
+
+
+def fill_eval_fields(dataset: CocoDetection, where: Path) -> None:
+    """COCOeval reads every annotation's ``iscrowd`` and ``area`` (the object size ranges); files made by other
+    tools may omit them: take 0 and the mask's area (COCO's own meaning), and say how many were filled."""
+    filled = Counter()
+    for anns in dataset.coco.imgToAnns.values():
+        for a in anns:
+            if "iscrowd" not in a:
+                a["iscrowd"] = 0
+                filled["iscrowd"] += 1
+            if "area" not in a:
+                a["area"] = float(mask_utils.area(dataset.coco.annToRLE(a)))
+                filled["area"] += 1
+    if filled:
+        log.warning("%s: %d annotations without iscrowd taken as 0 (not crowd), %d without area given their mask's "
+                    "area", where, filled["iscrowd"], filled["area"])
 
 
 def describe_dropped(dropped: dict[str, int]) -> str:
@@ -262,6 +280,10 @@ class DetectionData(pl.LightningDataModule):
         super().__init__()
         require_positive("task.data", batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size,
                          test_size=test_size)
+        require_positive("task", steps=steps, epochs=epochs)
+        if steps % epochs:  # every epoch trains as many steps: the run would train more than task.steps
+            raise ValueError(f"task.steps={steps} is not a multiple of task.epochs={epochs} (the validation "
+                             f"periods, each as many steps); give e.g. task.steps={steps // epochs * epochs or epochs}")
         self.name, self.steps, self.epochs = name, steps, epochs
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.val_size, self.seed = val_size, seed
@@ -277,6 +299,7 @@ class DetectionData(pl.LightningDataModule):
         self.class_names = [self.train_coco.coco.cats[c]["name"] for c in categories]
         train_dropped = drop_unusable_annotations(self.train_coco, self.splits["train"].annotations, keep_crowd=False)
         val_dropped = drop_unusable_annotations(self.val_coco, self.splits["val"].annotations, keep_crowd=True)
+        fill_eval_fields(self.val_coco, self.splits["val"].annotations)
         self.require_ground_truth(train_dropped, val_dropped, val_size, test_size)
         evaluated = self.val_coco.ids[:max(val_size, test_size)] if val_size and test_size else self.val_coco.ids
         if faults := annotated_size_faults(self.val_coco, evaluated):  # train images are checked as they are read
@@ -335,7 +358,7 @@ class DetectionData(pl.LightningDataModule):
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.steps / self.epochs)
+        return self.steps // self.epochs
 
     def train_dataloader(self):
         draws = draws_for_all_ranks(self, self.steps_per_epoch * self.batch_size)  # each rank: steps_per_epoch batches

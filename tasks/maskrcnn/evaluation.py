@@ -42,8 +42,11 @@ def coco_ap(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> dict[st
         log.info("COCO eval: no detections on %d images; every AP is 0", len(image_ids))
         return metrics
     for iou_type in IOU_TYPES:
+        # loadRes takes an entry's area from its box where it has one, and the area sorts detections into APs /
+        # APm / APl: the mask evaluation gets its entries without boxes, so that it sorts them by mask area
+        entries = results if iou_type == "bbox" else [{k: v for k, v in r.items() if k != "bbox"} for r in results]
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and tables
-            coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes edits the entries it is given
+            coco_dt = coco_gt.loadRes(copy.deepcopy(entries))  # loadRes edits the entries it is given
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             evaluator.params.imgIds = sorted(image_ids)
             evaluator.evaluate()

@@ -21,6 +21,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -51,6 +52,21 @@ class ResNetFPNBackbone(nn.Module):
         *inner, last = self.body.stage_outputs(x)
         levels = [norm(c) for norm, c in zip(self.level_norms, inner)] + [self.body.final_norm(last)]
         return self.fpn(OrderedDict((str(i), c) for i, c in enumerate(levels)))
+
+
+class MultiScaleTransform(GeneralizedRCNNTransform):
+    """torchvision's resize and batching, with the shorter side drawn per image from ``train_sizes`` when training
+    and ``test_size`` when evaluating. (torchvision's own evaluates at the last training size: a test size appended
+    to the training sizes would be drawn in training too, e.g. 800 twice as often as each of 640..768.)"""
+
+    def __init__(self, train_sizes: tuple[int, ...], test_size: int, max_size: int, image_mean: list[float],
+                 image_std: list[float]):
+        super().__init__(tuple(train_sizes), max_size, image_mean, image_std)
+        self.train_sizes, self.test_size = tuple(train_sizes), test_size
+
+    def train(self, mode: bool = True):
+        self.min_size = self.train_sizes if mode else (self.test_size,)
+        return super().train(mode)
 
 
 def conv_norm_act(cin: int, cout: int, norm_act: NormAct | None) -> nn.Sequential:
@@ -104,7 +120,7 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
                    freeze_norm_stats: bool = False, backbone_ckpt: str | None = None,
                    **detector_kwargs) -> MaskRCNN:
     """``num_classes`` counts the background. ``train_sizes``: shorter-side sizes drawn at random per training
-    batch (multi-scale training); evaluation resizes to ``test_size``. ``roi_sampling_ratio``: bilinear samples
+    image (multi-scale training); evaluation resizes to ``test_size``. ``roi_sampling_ratio``: bilinear samples
     per RoIAlign bin side (torchvision's 2; 0: adaptive, as detectron2). ``detector_kwargs`` go to torchvision's
     ``MaskRCNN`` (RPN/RoI sampling and post-processing: ``rpn_batch_size_per_image``, ``box_detections_per_img``,
     ...)."""
@@ -124,14 +140,14 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
     box_head = ConvFCBoxHead(fpn_channels, head_channels, box_fc_dim, chosen("heads"), box_head_convs, box_head_fcs)
     mask_head = MaskHead(fpn_channels, head_channels, chosen("heads"))
     init_weights(box_head), init_weights(mask_head)  # the FPN and torchvision's parts keep their own init
-    # multi-scale training: the transform draws the shorter side from min_size when training, uses min_size[-1]
-    # when evaluating; so the test size goes last (and is one of the training choices)
-    model = MaskRCNN(backbone, num_classes=None, min_size=(*train_sizes, test_size), max_size=max_size,
+    model = MaskRCNN(backbone, num_classes=None, min_size=tuple(train_sizes), max_size=max_size,
                      rpn_anchor_generator=anchors, box_roi_pool=box_pool, box_head=box_head,
                      box_predictor=FastRCNNPredictor(box_fc_dim, num_classes), mask_roi_pool=mask_pool,
                      mask_head=mask_head, mask_predictor=MaskRCNNPredictor(head_channels, head_channels,
                                                                           num_classes),
                      **detector_kwargs)
+    model.transform = MultiScaleTransform(train_sizes, test_size, max_size, model.transform.image_mean,
+                                          model.transform.image_std)
     model.norm_placement = where
     model.freeze_norm_stats = freeze_norm_stats
     log.info("Mask R-CNN %s-FPN, box head %dconv%dfc, norm-act per position: %s (standard choice where not in "

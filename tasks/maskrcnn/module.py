@@ -47,7 +47,7 @@ class MaskRCNNModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.predictions: dict[int, list[dict]] = {}  # image id -> its detections in COCO's results format
-        self.drawn: list[tuple[torch.Tensor, dict]] = []
+        self.drawn: list[tuple] = []  # panel_content of the first val images
         self.last_eval: dict = {}
 
     def train(self, mode: bool = True):
@@ -115,7 +115,7 @@ class MaskRCNNModule(pl.LightningModule):
             image_id = int(target["image_id"])
             self.predictions[image_id] = to_coco_results(output, image_id, category_ids)
             if len(self.drawn) < self.hparams.num_drawn:
-                self.drawn.append((image.cpu(), {k: v.cpu() for k, v in output.items()}))
+                self.drawn.append(panel_content(image, output, self.hparams.draw_score))
 
     def finish_eval(self, stage: str):
         predictions = gather_by_image(self.predictions)
@@ -135,33 +135,20 @@ class MaskRCNNModule(pl.LightningModule):
                                f"{stage}/predictions")
 
     def draw_predictions(self) -> torch.Tensor:
-        """The first val images with their predictions (masks, boxes, class and score), as one grid. A panel shows
-        the predictions scoring at least ``draw_score``; one with none (early in training) shows its best
-        ``FALLBACK_DRAWN`` in grey, so that the pasted objects of the input are not mistaken for predictions. The
-        caption under each panel says which."""
-        names, threshold = self.hparams.class_names, self.hparams.draw_score
+        """The first val images with their predictions (masks, boxes, class and score), as one grid."""
+        names = self.hparams.class_names
         panels = []
-        for image, output in self.drawn:
-            keep = (output["scores"] >= threshold).nonzero()[:, 0]
-            colors = [CLASS_COLORS[(int(c) - 1) % len(CLASS_COLORS)] for c in output["labels"][keep]]
-            if len(keep):
-                caption = f"{len(keep)} with score >= {threshold:.2f}"
-            elif len(output["scores"]):
-                keep, colors = output["scores"].argsort(descending=True)[:FALLBACK_DRAWN], "grey"
-                caption = f"none >= {threshold:.2f}; grey: best {len(keep)}"
-            else:
-                caption = "no detections"
+        for image, shown, confident, caption in self.drawn:
+            colors = [CLASS_COLORS[(int(c) - 1) % len(CLASS_COLORS)] for c in shown["labels"]] if confident else "grey"
             picture = (image * 255).round().clamp(0, 255).to(torch.uint8)
             scale = max(1, 256 // max(picture.shape[-2:]))  # small images upscaled so the labels stay readable
             if scale > 1:
                 picture = F.interpolate(picture[None], scale_factor=scale, mode="nearest")[0]
-            if len(keep):
-                masks = F.interpolate(output["masks"][keep][:, 0][None], scale_factor=scale, mode="nearest")[0]
-                picture = draw_segmentation_masks(picture, masks > MASK_THRESHOLD, alpha=0.45, colors=colors)
-                labels = [f"{names[int(c) - 1]} {s:.2f}" for c, s in zip(output["labels"][keep],
-                                                                         output["scores"][keep])]
-                picture = draw_bounding_boxes(picture, output["boxes"][keep] * scale, labels=labels, colors=colors,
-                                              width=2)
+            if len(shown["boxes"]):
+                masks = F.interpolate(shown["masks"][None].float(), scale_factor=scale, mode="nearest")[0] > 0
+                picture = draw_segmentation_masks(picture, masks, alpha=0.45, colors=colors)
+                labels = [f"{names[int(c) - 1]} {s:.2f}" for c, s in zip(shown["labels"], shown["scores"])]
+                picture = draw_bounding_boxes(picture, shown["boxes"] * scale, labels=labels, colors=colors, width=2)
             panels.append(with_caption(picture, caption))
         size = max(p.shape[-1] for p in panels), max(p.shape[-2] for p in panels)
         panels = [F.pad(p, (0, size[0] - p.shape[-1], 0, size[1] - p.shape[-2])) for p in panels]
@@ -169,6 +156,26 @@ class MaskRCNNModule(pl.LightningModule):
 
     def record_extras(self) -> dict:
         return {"norm_placement": self.model.norm_placement, "coco_eval": self.last_eval}
+
+
+def panel_content(image: torch.Tensor, output: dict, threshold: float) -> tuple[torch.Tensor, dict, bool, str]:
+    """What one panel of the drawn predictions shows, on the CPU, masks as booleans (not every full-size mask
+    probability of an image): the detections scoring at least ``threshold``, or where none does (early in
+    training) the best ``FALLBACK_DRAWN``, to be drawn in grey so that the pasted objects of the input are not
+    mistaken for predictions; whether they are the confident ones; the caption that says which."""
+    scores = output["scores"]
+    keep = (scores >= threshold).nonzero()[:, 0]
+    confident = bool(len(keep))
+    if confident:
+        caption = f"{len(keep)} with score >= {threshold:.2f}"
+    elif len(scores):
+        keep = scores.argsort(descending=True)[:FALLBACK_DRAWN]
+        caption = f"none >= {threshold:.2f}; grey: best {len(keep)}"
+    else:
+        caption = "no detections"
+    shown = {k: output[k][keep].cpu() for k in ("boxes", "labels", "scores")}
+    shown["masks"] = output["masks"][keep][:, 0].cpu() > MASK_THRESHOLD
+    return image.cpu(), shown, confident, caption
 
 
 def gather_by_image(predictions: dict[int, list[dict]]) -> dict[int, list[dict]]:

@@ -40,7 +40,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path, model: str) -> list[Logger]
     if kind == "none":
         return []
     if kind == "csv":
-        return [CSVLogger(output_dir, name="csv", version="")]
+        return [CSVLogger(output_dir, name="csv")]  # csv/version_<n>: a resumed attempt keeps the earlier ones
     if kind == "wandb":
         logger = WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=run_group(cfg),

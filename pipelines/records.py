@@ -15,10 +15,16 @@ from pathlib import Path
 
 from pytorch_lightning.utilities import rank_zero_only
 
+from tasks.common.checks import first_of
+
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 HEARTBEAT_STALE_FACTOR = 10  # a heartbeat older than this many intervals (and at least 10 minutes) means dead
 HEARTBEAT_STALE_MIN_S = 600
+# how a run shows and feeds its progress, not what it computes: may differ between attempts and records
+SETTINGS_OF_AN_ATTEMPT = ("trainer.enable_progress_bar", "trainer.log_every_n_steps", "task.data.num_workers")
+SHOWN_DIFFERENCES = 3  # a comparison of two configs names this many differing keys, then counts the rest
+ABSENT = object()  # a config key one side lacks
 
 
 def write_record(output_dir: Path, record: dict) -> None:
@@ -39,6 +45,35 @@ def read_record(run_dir: Path) -> dict | None:
     except (OSError, ValueError) as e:
         log.warning("%s cannot be read (%s: %s): it counts as no record", path, type(e).__name__, e)
         return None
+
+
+def flat_items(tree, prefix: str = "") -> dict:
+    """{"a.b": leaf, ...}; an empty dict is a leaf of its own (key "a.b.")."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in flat_items(sub, f"{prefix}{key}.").items()} or {prefix: {}}
+
+
+def show(value) -> str:
+    return "absent" if value is ABSENT else repr(value)
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
+    """``(changed, added)`` from a stored run config to this one, by flat key: ``changed`` maps a key to its old and
+    new value (a key dropped from the project counts), ``added`` holds the keys the old record lacks: keys added to
+    the project since (e.g. trainer.num_nodes), which the old run had no way to set. ``SETTINGS_OF_AN_ATTEMPT``
+    are neither."""
+    old_flat, new_flat = (
+        {k: v for k, v in flat_items(config).items() if k.rstrip(".") not in SETTINGS_OF_AN_ATTEMPT}
+        for config in (old, new))
+    changed = {k.rstrip("."): (v, new_flat.get(k, ABSENT)) for k, v in sorted(old_flat.items())
+               if new_flat.get(k, ABSENT) != v}
+    added = {k.rstrip("."): v for k, v in new_flat.items() if k not in old_flat}
+    return changed, added
+
+
+def describe_changes(changed: dict, shown: int = SHOWN_DIFFERENCES) -> str:
+    return first_of([f"{k} (was {show(old)}, now {show(new)})" for k, (old, new) in changed.items()], shown)
 
 
 def process_identity() -> dict:
@@ -64,8 +99,9 @@ def is_dead(record: dict, now: float | None = None) -> bool:
     """A ``running`` record whose process is gone (same host) or whose heartbeat stopped (any host)."""
     if record.get("status") != "running":
         return False
+    # this process's own pid in a record of this host: an earlier incarnation's (a restarted container's pid 1)
     if record.get("host") == socket.gethostname() and record.get("pid") is not None \
-            and not pid_exists(int(record["pid"])):
+            and (int(record["pid"]) == os.getpid() or not pid_exists(int(record["pid"]))):
         return True
     age = heartbeat_age_s(record, now)
     interval = float(record.get("heartbeat_interval_s") or 60)

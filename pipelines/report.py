@@ -12,16 +12,18 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import math
 import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.records import RESULTS_FILE, effective_status, read_record
+from pipelines.records import RESULTS_FILE, config_changes, describe_changes, effective_status, read_record
+from tasks.common.checks import first_of
 
 log = logging.getLogger(__name__)
-NOT_COMPLETED = ("failed", "dead", "running", "missing", "no metric")
+NOT_COMPLETED = ("failed", "dead", "running", "missing", "no metric", "non-finite")
 NOISE_MARK, UNKNOWN_SPREAD_MARK = "≈", "?"
 ERROR_CHARS = 300  # an unfinished run's error in transfer.md, cut to this (its results.json has it whole)
 NOISE_WASH = 0.7  # how far a within-noise cell's colour is blended to white: a noise difference should not glow
@@ -83,8 +85,9 @@ class TransferReport:
 
 
 def collect_records(dirs: list[Path]) -> list[dict]:
-    """Every record under ``dirs``, the newest per (task, layer, seed), with its effective status."""
-    newest: dict[tuple, dict] = {}
+    """Every record under ``dirs``, the newest per (task, layer, seed), with its effective status; each lists in
+    ``_superseded`` the older records of its key that ran another configuration (a sweep over another key)."""
+    by_key: dict[tuple, list[dict]] = {}
     for root in dirs:
         if not Path(root).is_dir():
             raise FileNotFoundError(f"{root} is not a directory; pass sweep dirs (e.g. outputs/multirun/<time>)")
@@ -95,10 +98,29 @@ def collect_records(dirs: list[Path]) -> list[dict]:
             record["_status"] = effective_status(record)
             record["_dir"] = str(path.parent)
             record["_time"] = record.get("started_at") or path.stat().st_mtime
-            key = (record["task"], record["norm"]["name"], record.get("seed"))
-            if key not in newest or record["_time"] >= newest[key]["_time"]:
-                newest[key] = record
-    return list(newest.values())
+            by_key.setdefault((record["task"], record["norm"]["name"], record.get("seed")), []).append(record)
+    newest = []
+    for records in by_key.values():
+        *older, latest = sorted(records, key=lambda r: r["_time"])  # stable: of equal times, the later path
+        latest["_superseded"] = [(r, changed) for r in older if (changed := config_differences(r, latest))]
+        newest.append(latest)
+    return newest
+
+
+def config_differences(old: dict, new: dict) -> dict:
+    if old.get("config") is None or new.get("config") is None:
+        return {}
+    return config_changes(old["config"], new["config"])[0]
+
+
+def superseded_note(records: list[dict]) -> str | None:
+    left_out = [f"`{r['_dir']}` for `{latest['_dir']}` (differs in {describe_changes(changed)})"
+                for latest in records for r, changed in latest["_superseded"]]
+    if not left_out:
+        return None
+    return (f"{len(left_out)} record(s) left out for a newer one of the same task, layer and seed that ran another "
+            f"configuration: {first_of(left_out, sep='; ')}. The table has a row per layer: to compare the values of "
+            "another key, report each value's runs apart (python -m pipelines.report <their run dirs>)")
 
 
 def in_order_of_first_run(records: list[dict], key) -> list[str]:
@@ -159,6 +181,8 @@ def build_report(records: list[dict], reference: str = "bn_relu") -> TransferRep
                     cell.outcomes[record["_status"]] += 1
                 elif h.metric is None or h.metric not in record.get("test", {}):
                     cell.outcomes["no metric"] += 1
+                elif not math.isfinite(float(record["test"][h.metric])):
+                    cell.outcomes["non-finite"] += 1
                 else:
                     cell.outcomes["completed"] += 1
                     cell.values.append(float(record["test"][h.metric]))
@@ -175,6 +199,7 @@ def build_report(records: list[dict], reference: str = "bn_relu") -> TransferRep
     else:
         messages += [f"task {h.task}: the reference {reference!r} has no completed run, no differences shown"
                      for h in headlines if h.metric and not cells[(reference, h.task)].values]
+    messages += filter(None, [superseded_note(records)])
     unfinished = sorted((r for r in records if r["_status"] != "completed"),
                         key=lambda r: (float("inf") if r.get("sweep_job") is None else r["sweep_job"], r["_time"]))
     return TransferReport(headlines, norms, cells, reference, seeds, messages, runs_summary(records, tasks),

@@ -25,12 +25,12 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from evonorm import norm_act_factory
 from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat
 from pipelines.loggers import build_loggers, finish_wandb
-from pipelines.records import RESULTS_FILE, effective_status, process_identity, read_record, write_record
+from pipelines.records import (RESULTS_FILE, config_changes, describe_changes, effective_status, flat_items,
+                               process_identity, read_record, write_record)
 from pipelines.sweep import (ddp_launch_state, end_ddp_job, multirun_job_num, multirun_sweep_dir,
                              relaunch_ddp_as_this_job)
 from pipelines.sync_batchnorm import trainer_arguments
 from tasks import build_task
-from tasks.common.checks import first_of
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +42,6 @@ TOP_LEVEL_KEYS = ("seed", "ckpt_path", "test_ckpt", "compile", "output_dir", "he
                   "trainer", "logger", "resume")
 # what sets a run's length (trainer.max_epochs is ${task.epochs} unless set itself); each must be >= 1
 TRAINING_LENGTH_KEYS = ("task.epochs", "task.steps", "task.data.steps_per_epoch", "trainer.max_epochs")
-SHOWN_DIFFERENCES = 3  # a refusal names this many differing keys, then counts the rest
-ABSENT = object()  # a config key one side lacks
 
 
 class RunDirConflict(RuntimeError):
@@ -74,13 +72,6 @@ def resolve_compile(cfg: DictConfig) -> bool:
     if isinstance(choice, bool):
         return choice
     raise ValueError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
-
-
-def flat_items(tree, prefix: str = "") -> dict:
-    """{"a.b": leaf, ...}; an empty dict is a leaf of its own (key "a.b.")."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in flat_items(sub, f"{prefix}{key}.").items()} or {prefix: {}}
 
 
 def likely_keys(unknown: str, known: dict) -> list[str]:
@@ -205,21 +196,6 @@ def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> None:
             f"from the newest checkpoint left) or pass {instead}") from e
 
 
-def show(value) -> str:
-    return "absent" if value is ABSENT else repr(value)
-
-
-def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
-    """``(changed, added)`` from a stored run config to this one, by flat key: ``changed`` maps a key to its old and
-    new value (a key dropped from the project counts), ``added`` holds the keys the old record lacks: keys added to
-    the project since (e.g. trainer.num_nodes), which the old run had no way to set."""
-    old_flat, new_flat = flat_items(old), flat_items(new)
-    changed = {k.rstrip("."): (v, new_flat.get(k, ABSENT)) for k, v in sorted(old_flat.items())
-               if new_flat.get(k, ABSENT) != v}
-    added = {k.rstrip("."): v for k, v in new_flat.items() if k not in old_flat}
-    return changed, added
-
-
 def previous_attempt(output_dir: Path, config: dict, ckpt_path=None) -> tuple[dict | None, dict]:
     """The record an earlier attempt left in ``output_dir`` (None: none) and the config keys new since it, after
     checking that it is this run and not alive. Checkpoints without a readable record are refused unless
@@ -236,10 +212,9 @@ def previous_attempt(output_dir: Path, config: dict, ckpt_path=None) -> tuple[di
         return None, {}
     changed, added = config_changes(previous["config"], config) if previous.get("config") is not None else ({}, {})
     if changed:
-        shown = first_of([f"{k} (was {show(old)}, now {show(new)})" for k, (old, new) in changed.items()],
-                         SHOWN_DIFFERENCES)
-        raise RunDirConflict(f"{output_dir} holds a run of another configuration (differs in {shown}); use a "
-                             "new output or sweep dir, or the command (grid) that made this one")
+        raise RunDirConflict(f"{output_dir} holds a run of another configuration (differs in "
+                             f"{describe_changes(changed)}); use a new output or sweep dir, or the command (grid) "
+                             "that made this one")
     if effective_status(previous) == "running":
         raise RunDirConflict(
             f"{output_dir} is being run right now by pid {previous.get('pid')} on {previous.get('host')} (its "

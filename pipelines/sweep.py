@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from pipelines.records import RESULTS_FILE, config_changes, effective_status, read_record
 from tasks.common.checks import first_of
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,21 @@ def grid_jobs(config: DictConfig):
 class TransferReportCallback(Callback):
     """Before every multirun: check each grid point's config, that no two share an output dir and, where its output
     dir exists (a re-run sweep, ``+resume=<sweep dir>``), that the dir holds no other configuration's run, no live one
-    and no checkpoints without a readable record; if one fails, refuse the sweep before any job starts (exit status
-    1). At its end: write the transfer report of the sweep dir, and exit with the number of grid points that did not
-    complete (failed, dead, missing, or refused at their start) as the status, so that scripts and CI notice."""
+    and no checkpoints without a readable record, and that no other dir of the sweep holds its completed run (a grid
+    that numbers its jobs otherwise); if one fails, refuse the sweep before any job starts (exit status 1). At its
+    end: write the transfer report of the sweep dir, and exit with the number of this sweep's grid points that did
+    not complete (failed, dead, missing, or refused at their start) as the status, so that scripts and CI notice;
+    with 1 where all did but the report could not be written."""
+
+    def __init__(self):
+        self.job_dirs: list[Path] = []  # this invocation's grid points (none known under another sweeper)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from pipelines.run import RunDirConflict, check_config, previous_attempt, run_config  # the training stack
 
-        (Path(config.hydra.sweep.dir) / REFUSED_JOBS_FILE).unlink(missing_ok=True)  # an earlier invocation's
+        sweep_dir = Path(config.hydra.sweep.dir)
+        (sweep_dir / REFUSED_JOBS_FILE).unlink(missing_ok=True)  # an earlier invocation's
+        completed = completed_records(sweep_dir)
         refusals, first_at = [], {}
         for overrides, output_dir, job_cfg in grid_jobs(config):
             if output_dir in first_at:  # the later job would find the earlier one's run there and be refused
@@ -145,24 +153,51 @@ class TransferReportCallback(Callback):
             first_at[output_dir] = overrides
             try:
                 check_config(job_cfg)
-                previous_attempt(output_dir, run_config(job_cfg), job_cfg.ckpt_path)
+                job_config = run_config(job_cfg)
+                previous, _ = previous_attempt(output_dir, job_config, job_cfg.ckpt_path)
+                done_elsewhere = previous is None and next(
+                    (d for d, r in completed if not config_changes(r["config"], job_config)[0]), None)
+                if done_elsewhere:
+                    refusals.append(f"{' '.join(overrides)}: completed already in {done_elsewhere}, another job "
+                                    "number: this grid numbers its jobs otherwise than the one that made the sweep "
+                                    "dir (a value added in the middle?); sweep only the values to add, or use a new "
+                                    "sweep dir")
             except (ValueError, RunDirConflict) as e:
                 refusals.append(f"{' '.join(overrides)}: {type(e).__name__}: {e}")
         if refusals:
             log.error("%d grid point(s) of this sweep cannot run; no job started:\n  %s", len(refusals),
                       first_of(refusals, SHOWN_REFUSALS, sep="\n  "))
             sys.exit(1)  # Hydra turns a callback's exceptions into warnings and goes on
+        self.job_dirs = list(first_at)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from pipelines.report import write_report  # matplotlib etc. only when a sweep ends
 
         sweep_dir = Path(config.hydra.sweep.dir)
         logger = config.get("logger", {})
-        report = write_report([sweep_dir], sweep_dir, reference=config.report.reference,
-                              wandb_logger=logger if logger.get("name") == "wandb" else None)
-        refused = refused_job_dirs(sweep_dir) - {Path(r["_dir"]).resolve() for r in report.unfinished}
-        failures = report.unfinished_count() + len(refused)
+        try:
+            report = write_report([sweep_dir], sweep_dir, reference=config.report.reference,
+                                  wandb_logger=logger if logger.get("name") == "wandb" else None)
+        except Exception:  # Hydra would make it a warning and exit 0
+            log.exception("the transfer report of %s could not be written; once the cause is fixed, write it with "
+                          "python -m pipelines.report %s", sweep_dir, sweep_dir)
+            report = None
+        refused = refused_job_dirs(sweep_dir)
+        if self.job_dirs:
+            failures = sum(d.resolve() in refused or effective_status(read_record(d) or {}) != "completed"
+                           for d in self.job_dirs)
+        elif report is not None:  # another sweeper's grid: what the report shows of the sweep dir
+            failures = report.unfinished_count() + len(refused - {Path(r["_dir"]).resolve() for r in report.unfinished})
+        else:
+            failures = len(refused)
         if failures:
             log.error("%d grid point(s) of the sweep did not complete; see %s%s", failures, sweep_dir / "transfer.md",
                       f" and {sweep_dir / REFUSED_JOBS_FILE}" if refused else "")
-            sys.exit(min(failures, MAX_EXIT_STATUS))
+        if failures or report is None:
+            sys.exit(min(failures or 1, MAX_EXIT_STATUS))
+
+
+def completed_records(sweep_dir: Path) -> list[tuple[Path, dict]]:
+    """The completed runs in the job dirs of ``sweep_dir`` that recorded their config."""
+    records = ((d, read_record(d)) for d in sorted(sweep_dir.glob("*/")) if (d / RESULTS_FILE).is_file())
+    return [(d, r) for d, r in records if r and r.get("config") is not None and effective_status(r) == "completed"]

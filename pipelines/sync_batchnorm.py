@@ -23,9 +23,18 @@ class NormActSyncBatchNorm(TorchSyncBatchNorm):
         return super().revert(revert_sync_batchnorm(model))
 
 
+def may_run_processes(kwargs: dict) -> bool:
+    """Whether the Trainer may start several processes (for ``strategy=auto`` Lightning then picks DDP)."""
+    devices = kwargs.get("devices", "auto")
+    one_device = devices in (1, "1") or isinstance(devices, list) and len(devices) == 1
+    return not one_device or kwargs.get("num_nodes", 1) > 1
+
+
 def trainer_arguments(trainer_cfg: DictConfig, module: pl.LightningModule | None = None) -> dict:
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
-    if kwargs.get("strategy") == "ddp" and module is not None and not module.automatic_optimization:
+    strategy = kwargs.get("strategy", "auto")
+    if (strategy == "ddp" or strategy == "auto" and may_run_processes(kwargs)) and module is not None \
+            and not module.automatic_optimization:
         # each manual backward (a GAN's D step, then its G step) reaches part of the parameters: DDP must find the rest
         log.info("manual optimization under DDP: strategy=ddp_find_unused_parameters_true")
         kwargs["strategy"] = "ddp_find_unused_parameters_true"

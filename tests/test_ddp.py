@@ -23,6 +23,12 @@ def test_manual_optimization_gets_ddp_that_finds_unused_parameters(compose_cfg):
     trainer_cfg = compose_cfg("trainer=ddp").trainer
     assert trainer_arguments(trainer_cfg, ManualOptimization())["strategy"] == "ddp_find_unused_parameters_true"
     assert trainer_arguments(trainer_cfg, pl.LightningModule())["strategy"] == "ddp"
+    # strategy=auto: Lightning picks DDP for several devices or nodes, so the same applies
+    for devices, nodes in ((2, 1), (-1, 1), ("auto", 1), (1, 2)):
+        cpu = compose_cfg("trainer=cpu", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}").trainer
+        assert trainer_arguments(cpu, ManualOptimization())["strategy"] == "ddp_find_unused_parameters_true"
+    one = compose_cfg("trainer=cpu").trainer
+    assert trainer_arguments(one, ManualOptimization()).get("strategy", "auto") == "auto"
 
 
 def feature_rows(seed: int, n: int = 64, shift: float = 0.0) -> torch.Tensor:

@@ -164,7 +164,7 @@ def test_top_level_keys_are_those_of_the_config(compose_cfg):
 
 
 def test_a_live_run_or_another_configuration_is_not_overwritten(compose_cfg, tmp_path):
-    write_record(tmp_path, {"status": "running", "task": "classification", "pid": os.getpid(),
+    write_record(tmp_path, {"status": "running", "task": "classification", "pid": os.getppid(),
                             "host": socket.gethostname(), "heartbeat": time.time()})
     with pytest.raises(RunDirConflict, match="being run right now"):
         run(compose_cfg())
@@ -272,10 +272,14 @@ def test_resume_continues_step_count(compose_cfg, tmp_path):
     assert record["resumed_from"] == str(last)
 
 
-def test_csv_logger_writes_metrics(compose_cfg, tmp_path):
+def test_csv_logger_writes_metrics_and_a_resumed_attempt_keeps_the_earlier_ones(compose_cfg, tmp_path):
     run(compose_cfg("logger=csv", "trainer.log_every_n_steps=1"))
-    metrics = (tmp_path / "csv" / "metrics.csv").read_text()
+    first = tmp_path / "csv" / "version_0" / "metrics.csv"
+    metrics = first.read_text()
     assert "train/loss" in metrics and "val/acc1" in metrics
+    write_record(tmp_path, {**read_record(tmp_path), "status": "failed"})  # resumed from last.ckpt: tested again
+    run(compose_cfg("logger=csv", "trainer.log_every_n_steps=1"))
+    assert first.read_text() == metrics and "test/acc1" in (tmp_path / "csv" / "version_1" / "metrics.csv").read_text()
 
 
 def test_same_seed_same_result(compose_cfg, tmp_path):

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pipelines.records import effective_status
 from pipelines.report import build_report, collect_records, heat_map_colours, main, write_report
 
 ACC, FID = ("val/acc1", "max"), ("val/fid_ema", "min")
@@ -30,6 +31,22 @@ def exited_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_a_running_record_of_this_process_pid_is_an_earlier_incarnations():
+    """A container restarted after a kill runs as the same pid (often 1) on the same host: that record is dead."""
+    record = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "heartbeat": time.time()}
+    assert effective_status(record) == "dead"
+    assert effective_status({**record, "pid": os.getppid()}) == "running"
+
+
+def test_a_non_finite_headline_is_no_value_and_no_rank(tmp_path):
+    write_run(tmp_path, "a", "biggan", "bn_relu", 0, 300.0, headline=FID)
+    write_run(tmp_path, "b", "biggan", "b0", 0, float("nan"), headline=FID)
+    report = build_report(collect_records([tmp_path]))
+    cell = report.cell("b0", "biggan")
+    assert cell.outcome_text() == "1 non-finite" and cell.rank is None and cell.delta is None
+    assert report.cell("bn_relu", "biggan").rank == 1 and report.unfinished_count() == 1
 
 
 def read_csv(path):
@@ -124,7 +141,7 @@ def test_failed_dead_running_and_missing_runs_are_shown(tmp_path):
     write_run(tmp_path, "c", "classification", "s0", 0, status="failed", error="NonFiniteLossError: ...")
     write_run(tmp_path, "d", "classification", "s0", 1, status="running", pid=exited_pid(),
               host=socket.gethostname(), heartbeat=time.time())
-    write_run(tmp_path, "e", "classification", "b0", 0, status="running", pid=os.getpid(),
+    write_run(tmp_path, "e", "classification", "b0", 0, status="running", pid=os.getppid(),  # alive
               host=socket.gethostname(), heartbeat=time.time())
     write_run(tmp_path, "f", "classification", "b0", 1, status="running", pid=1, host="another-node",
               heartbeat=time.time() - 3600, heartbeat_interval_s=30)
@@ -140,7 +157,7 @@ def test_failed_dead_running_and_missing_runs_are_shown(tmp_path):
     assert f"- classification / s0 / seed 0: failed: NonFiniteLossError: ... (`{tmp_path / 'c'}`)" in md
     assert "- classification / s0 / seed 1: dead (killed: its process is gone or its heartbeat stopped) at step 10" \
         in md
-    assert f"(`{tmp_path / 'd'}`)" in md and f"- classification / b0 / seed 0: running (pid {os.getpid()}" in md
+    assert f"(`{tmp_path / 'd'}`)" in md and f"- classification / b0 / seed 0: running (pid {os.getppid()}" in md
 
 
 def test_records_without_monitor_get_a_clear_note(tmp_path):

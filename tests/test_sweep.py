@@ -1,5 +1,6 @@
 """The transfer sweep end to end at tiny sizes: Hydra multirun over tasks x layers with per-task budgets, a failing
 job, the report written by the sweep, the exit status, a second invocation that skips, the submitit launcher."""
+import contextlib
 import csv
 import json
 import os
@@ -11,10 +12,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from pipelines.run import RunDirConflict
-from pipelines.sweep import TransferReportCallback, refuse_job
+from pipelines.records import write_record
+from pipelines.run import RunDirConflict, run_config
+from pipelines.sweep import TransferReportCallback, grid_jobs, refuse_job
 from tasks import TASKS
 from tests.conftest import CONF_DIR, REPO_ROOT
 
@@ -144,27 +146,102 @@ def test_grid_points_sharing_an_output_dir_are_refused_before_any_job(tmp_path):
     assert not (tmp_path / "sweep" / "classification").exists()
 
 
-def test_a_job_refused_at_its_start_counts_in_the_exit_status(tmp_path):
-    """A run begun in a job's dir after the sweep's check refuses the job, and the report may take that run's record
-    for this grid point's: the refusal itself is counted, once per sweep invocation."""
-    sweep_dir = tmp_path / "sweep"
-    sweep_dir.mkdir()
-    callback = TransferReportCallback()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # the multirun's Hydra, as run.py -m has it
-        cfg = compose("config", overrides=[f"hydra.sweep.dir={sweep_dir}", "logger=none"], return_hydra_config=True)
-        cfg.hydra.mode, cfg.hydra.runtime.output_dir = RunMode.MULTIRUN, str(sweep_dir / "0-job")
+@contextlib.contextmanager
+def multirun_config(sweep_dir, *overrides, params=None):
+    """The config of a multirun over ``params`` as its callbacks get it (the multirun's Hydra, as run.py -m has it,
+    in its first job), with its grid points' ``(output dir, run config)``."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.sweep.dir={sweep_dir}", "logger=none", *overrides],
+                      return_hydra_config=True)
+        cfg.hydra.mode = RunMode.MULTIRUN
+        with open_dict(cfg):
+            cfg.hydra.sweeper.params = params or {}
+        jobs = [(output_dir, run_config(job_cfg)) for _, output_dir, job_cfg in grid_jobs(cfg)]
+        cfg.hydra.runtime.output_dir = str(jobs[0][0])  # as the first job has it
         HydraConfig.instance().set_config(cfg)
         try:
-            callback.on_multirun_start(cfg)
-            refuse_job(RunDirConflict("begun by another process"))
-            with pytest.raises(SystemExit) as status:
-                callback.on_multirun_end(cfg)
-            assert status.value.code == 1
-            assert (sweep_dir / "refused_jobs.txt").read_text() == f"{sweep_dir / '0-job'}\tbegun by another process\n"
-            callback.on_multirun_start(cfg)  # a new invocation: nothing refused yet
-            callback.on_multirun_end(cfg)
+            yield cfg, jobs
         finally:
             HydraConfig.instance().cfg = None  # later tests run outside any Hydra job
+
+
+def write_completed(job_dir, config, status="completed"):
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_record(job_dir, {"status": status, "task": config["task"]["name"], "norm": {"name": config["norm"]["name"]},
+                           "seed": config["seed"], "config": config, "test": {}})
+
+
+def test_a_job_refused_at_its_start_counts_in_the_exit_status(tmp_path):
+    """A run begun in a job's dir after the sweep's check refuses the job, and its record (completed, of the same
+    grid point) would pass for this job's: the refusal itself is counted, once per sweep invocation."""
+    sweep_dir = tmp_path / "sweep"
+    callback = TransferReportCallback()
+    with multirun_config(sweep_dir) as (cfg, [(job_dir, config)]):
+        callback.on_multirun_start(cfg)
+        write_completed(job_dir, config)  # what the other process's run left
+        refuse_job(RunDirConflict("begun by another process"))
+        with pytest.raises(SystemExit) as status:
+            callback.on_multirun_end(cfg)
+        assert status.value.code == 1
+        assert (sweep_dir / "refused_jobs.txt").read_text() == f"{job_dir}\tbegun by another process\n"
+        callback.on_multirun_start(cfg)  # a new invocation: nothing refused yet, and the grid point completed
+        callback.on_multirun_end(cfg)
+
+
+def test_exit_status_counts_this_sweeps_grid_points_only(tmp_path):
+    """Runs of other invocations in the sweep dir (another seed, a failed layer) are in the report, not the status;
+    a grid point that differs from a newer record only in a key the table does not show still counts."""
+    sweep_dir = tmp_path / "sweep"
+    callback = TransferReportCallback()
+    with multirun_config(sweep_dir, "seed=0", params={"norm": "bn_relu,s0"}) as (cfg, jobs):
+        for job_dir, config in jobs:  # an earlier invocation: seed 0, both completed
+            write_completed(job_dir, config)
+    with multirun_config(sweep_dir, "seed=1", params={"norm": "bn_relu,s0,gn_relu"}) as (cfg, jobs):
+        callback.on_multirun_start(cfg)
+        for job_dir, config in jobs:
+            write_completed(job_dir, config)
+        callback.on_multirun_end(cfg)  # seed 1 complete: status 0 although seed 0 has no gn_relu run
+        write_completed(jobs[1][0], jobs[1][1], status="failed")
+        with pytest.raises(SystemExit) as status:
+            callback.on_multirun_end(cfg)
+        assert status.value.code == 1
+    lr = {"task.optim.lr": "0.1,0.2"}
+    with multirun_config(sweep_dir / "lr", params={"norm": "s0", **lr}) as (cfg, [first, second]):
+        callback.on_multirun_start(cfg)
+        write_completed(*first, status="failed")
+        write_completed(*second)  # newer, same task, layer and seed: the table shows it
+        with pytest.raises(SystemExit) as status:
+            callback.on_multirun_end(cfg)
+        assert status.value.code == 1
+    assert "1 record(s) left out for a newer one of the same task, layer and seed that ran another configuration: " \
+           f"`{first[0]}` for `{second[0]}` (differs in task.optim.lr (was 0.1, now 0.2))" in \
+           (sweep_dir / "lr" / "transfer.md").read_text()
+
+
+def test_a_report_that_cannot_be_written_makes_the_exit_status_nonzero(tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pipelines.report.write_report", broken)
+    callback = TransferReportCallback()
+    with multirun_config(tmp_path / "sweep") as (cfg, [(job_dir, config)]):
+        callback.on_multirun_start(cfg)
+        write_completed(job_dir, config)
+        with pytest.raises(SystemExit) as status:
+            callback.on_multirun_end(cfg)
+    assert status.value.code == 1
+    assert f"could not be written; once the cause is fixed, write it with python -m pipelines.report " \
+           f"{tmp_path / 'sweep'}" in caplog.text and "disk full" in caplog.text
+
+
+def test_a_grid_point_completed_under_another_job_number_is_refused_before_any_job(tmp_path):
+    """A value added in the middle of a grid renumbers the jobs after it: their completed runs are in other dirs."""
+    sweep_dir = tmp_path / "sweep"
+    with multirun_config(sweep_dir, params={"norm": "bn_relu,s0"}) as (cfg, [(_, bn_relu), (s0_dir, s0)]):
+        write_completed(sweep_dir / "0-classification-s0-s0", s0)  # the grid of an earlier invocation: s0 first
+        with pytest.raises(SystemExit) as status:
+            TransferReportCallback().on_multirun_start(cfg)
+    assert status.value.code == 1 and not s0_dir.exists()
 
 
 def test_submitit_local_launcher_runs_one_process_per_job(tmp_path):

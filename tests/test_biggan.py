@@ -1,11 +1,15 @@
 """BigGAN task: models for every layer, conditional norm-act, EMA, eval-mode statistics, FID/IS instruments, a run."""
 import json
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
+from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
+from pytorch_lightning.utilities.data import _update_dataloader
 
 import evonorm
 from evonorm import NORM_ACT_NAMES
@@ -15,7 +19,7 @@ from tasks.biggan.features import EfficientNetLite0Features, FeatureNetError, bu
 from tasks.biggan.layers import ConditionalNormAct
 from tasks.biggan.metrics import fid_is
 from tasks.biggan.models import Discriminator, Generator
-from tasks.biggan.module import BigGanModule, hinge_d_loss, hinge_g_loss
+from tasks.biggan.module import BigGanModule, hinge_d_loss, hinge_g_loss, to_unit
 from tasks.common.datasets import DatasetError
 from tests.conftest import CONF_DIR
 
@@ -28,6 +32,23 @@ def tiny_gan(norm: str, num_classes: int = 3):
                   attention=16)
     d = Discriminator(num_classes, **TINY, mults=TINY_D_MULTS, attention=8)
     return g, d
+
+
+def write_image_folder(root, counts: dict[str, int], classes: int = 2):
+    """``train/``, ``val/``, ... of uniform 32 px PNGs in ``classes`` class folders; each image's gray value is its
+    own id (0, 1, ... across the splits), so a test can tell where an image came from."""
+    image_id = 0
+    for split, count in counts.items():
+        for i in range(count):
+            folder = root / split / f"class{i % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (image_id,) * 3).save(folder / f"{image_id}.png")
+            image_id += 1
+    return str(root)
+
+
+def image_ids(images) -> set[int]:
+    return {int(images[i][0][0, 0, 0]) for i in range(len(images))}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +156,70 @@ def test_eval_sampling_uses_running_variances():
         assert (g(z, y) - batch).abs().max() > 0.05  # ... but the running variances
         g.train()
         assert (g(z, y) - batch).abs().max() > 0.05
+
+
+def test_attention_at_a_resolution_the_blocks_never_reach_names_the_key_and_the_choices():
+    def make_g(attention):
+        return Generator(evonorm.norm_act_factory("bn_relu"), 3, **TINY, z_dim=32, mults=TINY_G_MULTS,
+                         attention=attention)
+
+    with pytest.raises(ValueError, match=r"task.model.g_attention=64 .* 32 px; choose from \[8, 16, 32\], or null"):
+        make_g(64)
+    with pytest.raises(ValueError, match=r"task.model.d_attention=32 .* 32 px; choose from \[8, 16\], or null"):
+        Discriminator(3, **TINY, mults=TINY_D_MULTS, attention=32)
+    assert not make_g(None).attention and not Discriminator(3, **TINY, mults=TINY_D_MULTS, attention=0).attention
+
+
+def test_sample_grid_of_many_classes_shows_grid_classes_rows_sampled_in_eval_batches():
+    """A 1000-class grid of 10 columns was 10,000 images in one forward pass (> 100 GB at 128 px)."""
+    g, d = tiny_gan("bn_relu", num_classes=1000)
+    default = BigGanModule(g, d, feature_net=torch.nn.Identity(), num_classes=1000, z_dim=32, grid_columns=2)
+    assert default.grid_y.tolist() == [c for c in range(0, 1000, 100) for _ in range(2)]
+    module = BigGanModule(g, d, feature_net=torch.nn.Identity(), num_classes=1000, z_dim=32, grid_columns=3,
+                          grid_classes=4, grid_batch_size=5)
+    assert module.grid_y.tolist() == [c for c in (0, 250, 500, 750) for _ in range(3)]
+    batch_sizes = []
+    g.register_forward_pre_hook(lambda _, args: batch_sizes.append(len(args[0])))
+    images = module.sample_grid(g.eval())
+    assert batch_sizes == [5, 5, 2]
+    torch.testing.assert_close(images, to_unit(g(module.grid_z, module.grid_y)), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_grid_of_ten_classes_is_unchanged():
+    g, d = tiny_gan("bn_relu", num_classes=10)
+    module = BigGanModule(g, d, feature_net=torch.nn.Identity(), num_classes=10, z_dim=32)
+    assert module.grid_y.tolist() == torch.arange(10).repeat_interleave(10).tolist()
+    torch.testing.assert_close(module.grid_z, torch.randn(100, 32, generator=torch.Generator().manual_seed(99)))
+
+
+def test_imagefolder_validation_holds_out_train_images_and_the_test_reads_val(tmp_path):
+    """Validation FID picks the checkpoint: its real images must not be the test's (they were both val/)."""
+    root = write_image_folder(tmp_path, {"train": 12, "val": 6})
+    data = GanData("imagefolder", root, val_size=4, fid_samples=4, test_fid_samples=6)
+    data.setup()
+    train, val, test = image_ids(data.train_set), image_ids(data.real_sets["val"]), image_ids(data.real_sets["test"])
+    assert len(val) == 4 and train | val == set(range(12)) and not train & val
+    assert test == set(range(12, 18))
+
+
+def test_biggan128_imagenet_holds_out_enough_train_images_for_its_validation_fid(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=biggan128_imagenet", f"output_dir={tmp_path}"])
+    assert cfg.task.data.val_size >= cfg.task.metrics.fid_samples
+
+
+def test_imagefolder_epoch_under_ddp_is_steps_per_epoch_full_batches(tmp_path):
+    """Lightning replaces a plain RandomSampler by DistributedSampler(dataset) (num_samples lost: an epoch was a
+    pass over the folder, with a short last batch); a BatchSampler it wraps, as for the in-memory sets."""
+    root = write_image_folder(tmp_path, {"train": 12, "val": 2})
+    data = GanData("imagefolder", root, batch_size=2, draws_per_step=2, steps_per_epoch=3, val_size=2,
+                   fid_samples=2, test_fid_samples=2)
+    data.trainer = SimpleNamespace(world_size=2)  # draws_for_all_ranks reads only this
+    data.setup()
+    loader = data.train_dataloader()
+    sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=0)
+    shapes = [tuple(images.shape) for images, _ in _update_dataloader(loader, sampler)]
+    assert shapes == [(4, 3, 32, 32)] * 3
 
 
 @pytest.mark.parametrize("photo,label", [("chelsea", 285), ("coffee", 967)])

@@ -2,10 +2,12 @@
 
 fashion_mnist (embedded default: 28 px gray padded to 32 px, repeated to 3 channels) and cifar10 live in memory as
 uint8; imagefolder (ImageNet-style ``train/``, ``val/``) is read and resized to ``resolution`` per image.
+Every dataset holds out ``val_size`` training images as the validation real set; the test real set is the test split
+(imagefolder: ``test/``, else ``val/``), so the checkpoint picked on validation FID is scored on other images.
 Training images reach the model in [-1, 1]; real images for the feature network in [0, 1].
 
-An epoch is ``steps_per_epoch`` G steps (each batch holds the D batches of one G step: d_steps x accumulate), so layers compare at equal G
-steps and evaluation comes every epoch.
+An epoch is ``steps_per_epoch`` G steps (each batch holds the D batches of one G step: d_steps x accumulate), so
+layers compare at equal G steps and evaluation comes every epoch.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset, default_collate
 
 from tasks.common.checks import require_positive
 from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_dirs, load_with_val_split
@@ -24,6 +26,33 @@ SPLITS = ("val", "test")
 
 def fashion_mnist_as_rgb32(images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
+
+
+class Transformed(Dataset):
+    """``images``' (image, label) pairs with ``transform`` applied to the image."""
+
+    def __init__(self, images: Dataset, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image, label = self.images[index]
+        return self.transform(image), label
+
+
+class BatchIndexed(Dataset):
+    """A per-image dataset indexed by a list of indices, as a TensorDataset is: returns the collated batch."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, indices: list[int]):
+        return default_collate([self.images[i] for i in indices])
 
 
 def fixed_latents(n: int, z_dim: int, num_classes: int, seed: int) -> TensorDataset:
@@ -69,7 +98,7 @@ class GanData(pl.LightningDataModule):
                 splits = [(fashion_mnist_as_rgb32(x), y) for x, y in splits]
             (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits
             self.train_set = TensorDataset(train_x[:self.limit_train], train_y[:self.limit_train])
-            test_perm = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(self.split_seed))
+            test_perm = self._fixed_order(len(test_y))
             self.real_sets = {"val": TensorDataset(val_x, val_y),
                               "test": TensorDataset(test_x[test_perm], test_y[test_perm])}
         if not len(self.train_set):
@@ -85,23 +114,28 @@ class GanData(pl.LightningDataModule):
         size = self.resolution
         to_uint8 = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
         dirs = image_folder_dirs(self.root)
-        self.train_set = ImageFolder(dirs["train"], T.Compose([T.RandomHorizontalFlip(), to_uint8]))
-        # real sets: a fixed random subset, so that FID sees every class
-        self.real_sets = {}
-        for split in ("val", "test"):
-            folder = dirs[split]
-            full = ImageFolder(folder, to_uint8)
-            perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.split_seed))
-            self.real_sets[split] = torch.utils.data.Subset(full, perm.tolist())
+        train = ImageFolder(dirs["train"], to_uint8)
+        order = self._fixed_order(len(train))
+        kept = order[self.val_size:][:self.limit_train]
+        self.train_set = Transformed(Subset(train, kept), T.RandomHorizontalFlip())
+        test = ImageFolder(dirs["test"], to_uint8)
+        self.real_sets = {"val": Subset(train, order[:self.val_size]),
+                          "test": Subset(test, self._fixed_order(len(test)))}
 
-    # --- loaders: in-memory sets are indexed a whole batch at a time (a TensorDataset takes a list of indices) ----
+    def _fixed_order(self, n: int) -> list[int]:
+        """A random order of ``n`` images fixed by ``split_seed``: the first ``fid_samples`` real images of a split
+        then cover every class."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+
+    # --- loaders: the sampler yields a batch of indices at a time (a BatchSampler), which Lightning wraps under DDP
+    # (each process takes whole batches); a plain RandomSampler it would replace, losing num_samples ------------
     def _loader(self, dataset: Dataset, sampler, batch_size: int) -> DataLoader:
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
                    "pin_memory": torch.cuda.is_available()}
-        if isinstance(dataset, TensorDataset):
-            return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
-                              **workers)
-        return DataLoader(dataset, sampler=sampler, batch_size=batch_size, **workers)
+        if not isinstance(dataset, TensorDataset):  # a TensorDataset takes a list of indices itself
+            dataset = BatchIndexed(dataset)
+        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
+                          **workers)
 
     def train_dataloader(self):
         per_step = self.batch_size * self.draws_per_step

@@ -37,6 +37,13 @@ def arch_for(resolution: int, g_mults=None, d_mults=None) -> dict:
     return arch
 
 
+def check_attention(attention: int | None, reached: list[int], key: str, resolution: int):
+    """A self-attention resolution the blocks never reach would build no attention block: refuse it."""
+    if attention and attention not in reached:  # null or 0: no attention (BigGAN-PyTorch's 0)
+        raise ValueError(f"{key}={attention} is not a resolution this network's blocks reach at {resolution} px; "
+                         f"choose from {sorted(set(reached))}, or null for no self-attention")
+
+
 class GBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, norm_act, cond_dim: int, sn_eps: float):
         super().__init__()
@@ -70,12 +77,12 @@ class Generator(nn.Module):
             with torch.no_grad():
                 self.shared.weight.mul_(shared_init_norm / self.shared.weight.norm(dim=1, keepdim=True))
         self.linear = sn_linear(chunk, widths[0] * 16, eps=sn_eps)
+        sizes = [8 * 2 ** i for i in range(len(widths) - 1)]  # each up-block's output, from the 4x4 input
+        check_attention(attention, sizes, "task.model.g_attention", resolution)
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()
-        size = 4
-        for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (cin, cout, size) in enumerate(zip(widths[:-1], widths[1:], sizes)):
             self.blocks.append(GBlock(cin, cout, norm_act, shared_dim + chunk, sn_eps))
-            size *= 2
             if size == attention:
                 self.attention[str(i)] = SelfAttention(cout, sn_eps)
         self.out_norm_act = norm_act(widths[-1], apply_act=True)
@@ -121,10 +128,10 @@ class Discriminator(nn.Module):
         widths = [3] + [m * ch for m in arch["d"]]
         self.blocks = nn.ModuleList()
         self.attention = nn.ModuleDict()  # after the block that leaves ``attention`` px, once
-        size = resolution
-        for i, (cin, cout, down) in enumerate(zip(widths[:-1], widths[1:], arch["d_down"])):
+        sizes = [resolution // 2 ** sum(arch["d_down"][:i + 1]) for i in range(len(arch["d_down"]))]
+        check_attention(attention, sizes, "task.model.d_attention", resolution)
+        for i, (cin, cout, down, size) in enumerate(zip(widths[:-1], widths[1:], arch["d_down"], sizes)):
             self.blocks.append(DBlock(cin, cout, down, preactivation=i > 0, sn_eps=sn_eps))
-            size //= 2 if down else 1
             if size == attention and not self.attention:
                 self.attention[str(i)] = SelfAttention(cout, sn_eps)
         self.linear = sn_linear(widths[-1], 1, eps=sn_eps)

@@ -51,12 +51,19 @@ def ortho_penalty(model: nn.Module, skip: tuple[str, ...]) -> torch.Tensor:
     return total
 
 
+def grid_row_classes(num_classes: int, grid_classes: int) -> torch.Tensor:
+    """The classes of the sample grid's rows: ``grid_classes`` of them (at most all), evenly spaced over the labels,
+    so a 1000-class grid stays a few rows and still spans the dataset."""
+    rows = min(num_classes, grid_classes)
+    return torch.arange(rows) * num_classes // rows
+
+
 class BigGanModule(pl.LightningModule):
     def __init__(self, generator: nn.Module, discriminator: nn.Module, feature_net: nn.Module, num_classes: int,
                  z_dim: int, g_lr: float = 2e-4, d_lr: float = 4e-4, betas: tuple = (0.0, 0.999),
                  adam_eps: float = 1e-6, d_steps: int = 1, accumulate: int = 1, batch_size: int = 64,
                  ema_decay: float = 0.999, ortho_reg: float = 0.0, is_splits: int = 10, grid_columns: int = 10,
-                 grid_seed: int = 99):
+                 grid_classes: int = 10, grid_batch_size: int = 100, grid_seed: int = 99):
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator", "feature_net"])
         self.automatic_optimization = False
@@ -67,9 +74,10 @@ class BigGanModule(pl.LightningModule):
         # optimizer; the untrained G's weights travel in the checkpoint through on_save_checkpoint.
         object.__setattr__(self, "feature_net", feature_net)
         object.__setattr__(self, "untrained_generator", copy.deepcopy(generator).requires_grad_(False))
-        z = torch.randn(num_classes * grid_columns, z_dim, generator=torch.Generator().manual_seed(grid_seed))
+        rows = grid_row_classes(num_classes, grid_classes)
+        z = torch.randn(len(rows) * grid_columns, z_dim, generator=torch.Generator().manual_seed(grid_seed))
         self.register_buffer("grid_z", z, persistent=False)
-        self.register_buffer("grid_y", torch.arange(num_classes).repeat_interleave(grid_columns), persistent=False)
+        self.register_buffer("grid_y", rows.repeat_interleave(grid_columns), persistent=False)
         self.real_rows: dict[str, torch.Tensor] = {}
         self.fake_rows: dict[str, list[torch.Tensor]] = {}
         self.extras: dict = {}
@@ -200,10 +208,16 @@ class BigGanModule(pl.LightningModule):
         if self.global_rank != 0:
             return
         for key in GENERATORS:
-            images = to_unit(self.generators(stage)[key](self.grid_z, self.grid_y))
+            images = self.sample_grid(self.generators(stage)[key])
             grid = make_grid(images, nrow=self.hparams.grid_columns, padding=1, pad_value=1.0)
             save_and_log_image(self, (grid * 255).round().to(torch.uint8), f"{stage}-step{step:06d}-{key}",
                                f"{stage}/samples_{key}")
+
+    def sample_grid(self, generator: nn.Module) -> torch.Tensor:
+        """The grid's images in [0, 1], ``grid_batch_size`` at a time (eval mode has no batch statistics: chunks
+        change nothing) so that a large grid fits in memory."""
+        size = self.hparams.grid_batch_size
+        return torch.cat([to_unit(generator(z, y)) for z, y in zip(self.grid_z.split(size), self.grid_y.split(size))])
 
     def on_validation_epoch_start(self):
         self._start_eval("val")

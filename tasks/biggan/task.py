@@ -15,7 +15,8 @@ from .module import BigGanModule
 def build(cfg: DictConfig, norm_act) -> TaskParts:
     model, optim, metrics = cfg.model, cfg.optim, cfg.metrics
     require_positive("task.optim", d_steps=optim.d_steps, accumulate=optim.accumulate)
-    require_positive("task.metrics", fid_samples=metrics.fid_samples, test_fid_samples=metrics.test_fid_samples)
+    require_positive("task.metrics", fid_samples=metrics.fid_samples, test_fid_samples=metrics.test_fid_samples,
+                     grid_columns=metrics.grid_columns, grid_classes=metrics.grid_classes)
     data = GanData(**OmegaConf.to_container(cfg.data, resolve=True), resolution=model.resolution,
                    z_dim=model.z_dim, draws_per_step=optim.d_steps * optim.accumulate,
                    fid_samples=metrics.fid_samples, test_fid_samples=metrics.test_fid_samples)
@@ -25,7 +26,8 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
     feature_net = build_feature_net(metrics.inception_weights, metrics.image_size)
     module = BigGanModule(generator, discriminator, feature_net, data.num_classes, model.z_dim,
                           batch_size=cfg.data.batch_size, is_splits=metrics.is_splits,
-                          grid_columns=metrics.grid_columns, **OmegaConf.to_container(optim, resolve=True))
+                          grid_columns=metrics.grid_columns, grid_classes=metrics.grid_classes,
+                          grid_batch_size=cfg.data.eval_batch_size, **OmegaConf.to_container(optim, resolve=True))
     # compile=true: the Gs. Not D: called on the real and the fake batch before one backward, its spectral norms
     # fail compiled ("modified by an inplace operation" on the power-iteration vector; eager clones it)
     return TaskParts(module, data, model=f"biggan{model.resolution}", dataset=cfg.data.name, monitor="val/fid_ema",

@@ -1,10 +1,12 @@
 """Classification models and data: the factory is used at every norm position; data errors are clear."""
 import gzip
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 import evonorm
 from tasks.classification.data import ClassificationData, random_crop_flip
@@ -66,6 +68,14 @@ def test_mobilenet_v2_linear_bottlenecks_use_apply_act_false(caplog):
     assert "linear-bottleneck" in caplog.text and "apply_act=False" in caplog.text
 
 
+@pytest.mark.parametrize("width_mult", [0.35, 0.75, 1.0])
+def test_mobilenet_v2_widths_are_the_references(width_mult):
+    from torchvision.models import mobilenet_v2
+    ours = build_model("mobilenet_v2", evonorm.norm_act_factory("bn_relu"), 1000, width_mult=width_mult)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in mobilenet_v2(
+        width_mult=width_mult).parameters())
+
+
 def test_unknown_arch():
     with pytest.raises(ValueError, match="preact_resnet50"):
         build_model("resnet1000", evonorm.norm_act_factory("b0"), 10)
@@ -99,10 +109,13 @@ def test_bad_sizes_name_the_key(settings, message):
         ClassificationData(**settings)
 
 
-@pytest.mark.parametrize("settings", [{"val_size": 100_000}, {"limit_train": 100, "batch_size": 128}])
-def test_a_training_split_without_one_batch_is_refused(settings):
-    data = ClassificationData(**settings)
-    with pytest.raises(DatasetError, match=r"fewer than task.data.batch_size=128; lower it or task.data.val_size"):
+@pytest.mark.parametrize("settings, processes", [({"val_size": 100_000}, 1), ({"limit_train": 100}, 1),
+                                                 ({"limit_train": 200}, 2)])
+def test_a_training_split_without_one_batch_is_refused(settings, processes):
+    data = ClassificationData(batch_size=128, **settings)
+    data.trainer = SimpleNamespace(world_size=processes)  # DDP: each process needs a whole batch
+    with pytest.raises(DatasetError, match=rf"fewer than one batch \(task.data.batch_size=128\) for each of "
+                                           rf"{processes} process\(es\); lower task.data.batch_size"):
         data.setup()
 
 
@@ -137,18 +150,47 @@ def test_imagefolder_needs_a_root(tmp_path):
         ClassificationData(name="imagefolder", root=str(tmp_path))
 
 
-def test_imagefolder_reads_class_folders(tmp_path):
+def write_image_folder(root, layout: dict[str, dict[str, int]]):
+    """``<root>/<split>/<class>/<i>.png``: ``layout[split][class]`` small images each."""
     from PIL import Image
-    for split in ("train", "val"):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(2):
-                Image.new("RGB", (40, 30), (i * 100, 50, 0)).save(tmp_path / split / cls / f"{i}.png")
-    data = ClassificationData(name="imagefolder", root=str(tmp_path), image_size=32, batch_size=2)
+    for split, classes in layout.items():
+        for cls, count in classes.items():
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (40, 30), (i * 30, 50, 0)).save(root / split / cls / f"{i}.png")
+
+
+def files(dataset) -> list[str]:
+    """The image files a (nested) Subset of an image folder reads, in its order."""
+    indices = range(len(dataset))
+    while isinstance(dataset, Subset):
+        indices, dataset = [dataset.indices[i] for i in indices], dataset.dataset
+    return [dataset.samples[i][0] for i in indices]
+
+
+def test_imagefolder_reads_class_folders(tmp_path):
+    write_image_folder(tmp_path, {split: {"cat": 2, "dog": 2} for split in ("train", "val")})
+    data = ClassificationData(name="imagefolder", root=str(tmp_path), image_size=32, batch_size=2, val_size=1)
     assert data.info.num_classes == 2
     data.setup()
     x, y = next(iter(data.train_dataloader()))
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+
+
+def test_imagefolder_splits_use_train_classes_hold_out_validation_and_span_classes(tmp_path):
+    write_image_folder(tmp_path, {"train": {"a": 6, "b": 6, "c": 6}, "val": {"a": 2, "c": 2}})
+    data = ClassificationData(name="imagefolder", root=str(tmp_path), image_size=8, batch_size=2, val_size=3,
+                              limit_train=6, augment=False)
+    data.setup()
+    assert sorted(label for _, label in data.splits["test"]) == [0, 0, 2, 2]  # c keeps train's label, not 1
+    assert all(f"{tmp_path}/val/" in f for f in files(data.splits["test"]))
+    train, val = files(data.splits["train"]), files(data.splits["val"])
+    assert len(val) == 3 and all(f"{tmp_path}/train/" in f for f in train + val) and not set(train) & set(val)
+    assert len({f.split("/")[-2] for f in train}) > 1  # the first limit_train images span classes (files: by class)
+    assert data.splits["train"].dataset.dataset.transform is data.splits["val"].dataset.transform  # augment=false
+    write_image_folder(tmp_path, {"val": {"z": 1}})
+    with pytest.raises(DatasetError, match=r"val has class folders that train/ lacks \(z\)"):
+        ClassificationData(name="imagefolder", root=str(tmp_path), val_size=3).setup()
 
 
 def test_cifar10_missing_says_where_to_put_it(tmp_path):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset, default_collate
 
 from tasks.common.checks import require_positive
-from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_dirs, load_with_val_split
+from tasks.common.datasets import (DatasetError, fixed_order, image_folder_classes, image_folder_splits,
+                                  load_with_val_split)
 from tasks.common.sampling import draws_for_all_ranks
 
 SPLITS = ("val", "test")
@@ -26,20 +27,6 @@ SPLITS = ("val", "test")
 
 def fashion_mnist_as_rgb32(images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
-
-
-class Transformed(Dataset):
-    """``images``' (image, label) pairs with ``transform`` applied to the image."""
-
-    def __init__(self, images: Dataset, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        image, label = self.images[index]
-        return self.transform(image), label
 
 
 class BatchIndexed(Dataset):
@@ -98,7 +85,7 @@ class GanData(pl.LightningDataModule):
                 splits = [(fashion_mnist_as_rgb32(x), y) for x, y in splits]
             (train_x, train_y), (val_x, val_y), (test_x, test_y) = splits
             self.train_set = TensorDataset(train_x[:self.limit_train], train_y[:self.limit_train])
-            test_perm = self._fixed_order(len(test_y))
+            test_perm = fixed_order(len(test_y), self.split_seed)  # the first fid_samples span the classes
             self.real_sets = {"val": TensorDataset(val_x, val_y),
                               "test": TensorDataset(test_x[test_perm], test_y[test_perm])}
         if not len(self.train_set):
@@ -110,22 +97,12 @@ class GanData(pl.LightningDataModule):
 
     def _setup_folders(self):
         from torchvision import transforms as T
-        from torchvision.datasets import ImageFolder
         size = self.resolution
         to_uint8 = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-        dirs = image_folder_dirs(self.root)
-        train = ImageFolder(dirs["train"], to_uint8)
-        order = self._fixed_order(len(train))
-        kept = order[self.val_size:][:self.limit_train]
-        self.train_set = Transformed(Subset(train, kept), T.RandomHorizontalFlip())
-        test = ImageFolder(dirs["test"], to_uint8)
-        self.real_sets = {"val": Subset(train, order[:self.val_size]),
-                          "test": Subset(test, self._fixed_order(len(test)))}
-
-    def _fixed_order(self, n: int) -> list[int]:
-        """A random order of ``n`` images fixed by ``split_seed``: the first ``fid_samples`` real images of a split
-        then cover every class."""
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        splits = image_folder_splits(self.root, T.Compose([T.RandomHorizontalFlip(), to_uint8]), to_uint8,
+                                     self.val_size, self.split_seed)
+        self.train_set = Subset(splits["train"].dataset, splits["train"].indices[:self.limit_train])
+        self.real_sets = {"val": splits["val"], "test": splits["test"]}
 
     # --- loaders: the sampler yields a batch of indices at a time (a BatchSampler), which Lightning wraps under DDP
     # (each process takes whole batches); a plain RandomSampler it would replace, losing num_samples ------------

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tasks.common.checks import require_positive
-from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_dirs, load_with_val_split
+from tasks.common.datasets import DatasetError, image_folder_classes, image_folder_splits, load_with_val_split
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -92,7 +92,8 @@ class ClassificationData(pl.LightningDataModule):
             raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS) + ['imagefolder']}")
         self.splits: dict[str, Dataset] = {}
 
-    # Fashion-MNIST / CIFAR-10 hold out val_size training images (fixed split_seed) for validation.
+    # every dataset holds out val_size training images (fixed split_seed) for validation, which picks the best
+    # checkpoint; the test split is the dataset's own (imagefolder: test/, else val/)
     def setup(self, stage: str | None = None):
         if self.splits:
             return
@@ -104,20 +105,20 @@ class ClassificationData(pl.LightningDataModule):
         for split, limit in (("train", self.limit_train), ("val", self.limit_eval), ("test", self.limit_eval)):
             if limit is not None and limit < len(self.splits[split]):
                 self.splits[split] = Subset(self.splits[split], range(limit))
-        if len(self.splits["train"]) < self.batch_size:  # batches of fewer are dropped: no step would run
-            raise DatasetError(f"the training split holds {len(self.splits['train'])} images, fewer than "
-                               f"task.data.batch_size={self.batch_size}; lower it or task.data.val_size")
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.splits["train"]) < self.batch_size * processes:  # smaller batches are dropped: no step would run
+            raise DatasetError(f"the training split holds {len(self.splits['train'])} images, fewer than one batch "
+                               f"(task.data.batch_size={self.batch_size}) for each of {processes} process(es); lower "
+                               "task.data.batch_size or task.data.val_size, or raise task.data.limit_train")
 
     def _setup_folders(self):
         from torchvision import transforms as T
-        from torchvision.datasets import ImageFolder
         size = self.info.image_size
         norm = T.Normalize(self.info.mean, self.info.std)
-        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
-        dirs = image_folder_dirs(self.root)
-        self.splits = {split: ImageFolder(folder, train_tf if split == "train" else eval_tf)
-                       for split, folder in dirs.items()}
+        train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]) \
+            if self.augment else eval_tf
+        self.splits = image_folder_splits(self.root, train_tf, eval_tf, self.val_size, self.split_seed)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         in_memory = self.name != "imagefolder"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from timm.layers import make_divisible
 from torch import nn
 
 from tasks.common.backbones import PREACT_RESNETS, NormAct, conv1x1, conv3x3, init_weights, preact_resnet
@@ -37,7 +38,7 @@ class MobileNetV2(nn.Module):
     def __init__(self, norm_act: NormAct, num_classes: int, in_chans: int = 3, width_mult: float = 1.0,
                  dropout: float = 0.2):
         super().__init__()
-        scale = lambda c: max(8, int(c * width_mult + 4) // 8 * 8)  # noqa: E731 - round to multiples of 8
+        scale = lambda c: make_divisible(c * width_mult, 8)  # noqa: E731 - as the reference: multiples of 8
         cin = scale(32)
         layers = [nn.Conv2d(in_chans, cin, 3, 2, 1, bias=False), norm_act(cin)]
         for expand, channels, blocks, stride in self.SETTINGS:

@@ -1,14 +1,21 @@
-"""Dataset readers shared by the tasks: Fashion-MNIST IDX files (the embedded default) and CIFAR-10.
+"""Dataset readers shared by the tasks: Fashion-MNIST IDX files (the embedded default), CIFAR-10 and ImageNet-style
+folders.
 
 Every failure is a ``DatasetError`` whose message says how to get the data.
 """
 from __future__ import annotations
 
+import copy
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
+from torchvision.datasets import CIFAR10, FashionMNIST, ImageFolder
+
+from tasks.common.checks import first_of
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_FILES = {
@@ -61,7 +68,6 @@ def load_fashion_mnist(root: str | None, download: bool = False, root_key: str =
             break
     else:
         if download and root:
-            from torchvision.datasets import FashionMNIST
             try:
                 for train in (True, False):
                     FashionMNIST(root, train=train, download=True)
@@ -85,7 +91,6 @@ def load_fashion_mnist(root: str | None, download: bool = False, root_key: str =
 
 
 def load_cifar10(root: str | None, download: bool = False):
-    from torchvision.datasets import CIFAR10
     if not root:
         raise DatasetError("cifar10 needs task.data.root=<folder holding cifar-10-batches-py> (torchvision's layout)")
     splits = []
@@ -102,12 +107,17 @@ def load_cifar10(root: str | None, download: bool = False):
 
 # --- splits shared by the tasks ----------------------------------------------------------------------------------
 
+def fixed_order(n: int, seed: int) -> torch.Tensor:
+    """A random order of ``n`` items fixed by ``seed``: every task and layer sees the same split and subsets."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def load_with_val_split(name: str, root: str | None, download: bool, val_size: int, split_seed: int):
     """Fashion-MNIST or CIFAR-10 as uint8 (images, labels) pairs for train, val and test; val is ``val_size``
     training images held out with a fixed ``split_seed``, so every task and layer sees the same split."""
     loader = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}[name]
     train_x, train_y, test_x, test_y = loader(root, download)
-    perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(split_seed))
+    perm = fixed_order(len(train_y), split_seed)
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     return (train_x[train_idx], train_y[train_idx]), (train_x[val_idx], train_y[val_idx]), (test_x, test_y)
 
@@ -131,3 +141,38 @@ def image_folder_classes(root: str | None) -> list[str]:
     if not classes:
         raise DatasetError(f"{train} holds no class folders")
     return classes
+
+
+class ClassFolder(ImageFolder):
+    """An image-folder split labelled with train/'s classes: torchvision numbers each split's own class folders, so
+    a val/ without one of train/'s classes would shift the labels after it. A class train/ lacks is an error."""
+
+    def __init__(self, folder: Path, classes: list[str], transform=None):
+        self.train_classes = classes
+        super().__init__(str(folder), transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        unknown = sorted({e.name for e in os.scandir(directory) if e.is_dir()} - set(self.train_classes))
+        if unknown:
+            raise DatasetError(f"{directory} has class folders that train/ lacks ({first_of(unknown)}): a model "
+                               "trained on train/ cannot predict them; remove them or add them to train/")
+        return self.train_classes, {c: i for i, c in enumerate(self.train_classes)}
+
+
+def image_folder_splits(root: str | None, train_transform, eval_transform, val_size: int,
+                        split_seed: int) -> dict[str, Subset]:
+    """An ImageNet-style folder's splits, labelled with train/'s classes: train/ less ``val_size`` images held out
+    (fixed by ``split_seed``) for training, the held-out ones (``eval_transform``) for validation, which picks the
+    best checkpoint, and test/ (else val/) for the test. Each in an order fixed by ``split_seed``: files are listed
+    class by class, and the first N images of a split should span its classes."""
+    dirs, classes = image_folder_dirs(root), image_folder_classes(root)
+    train = ClassFolder(dirs["train"], classes, train_transform)
+    if val_size >= len(train):
+        raise DatasetError(f"{dirs['train']} holds {len(train)} images, not more than task.data.val_size={val_size} "
+                           "(held out for validation); lower task.data.val_size")
+    held_out = copy.copy(train)  # the same file list, read without the training augmentation
+    held_out.transform = eval_transform
+    test = ClassFolder(dirs["test"], classes, eval_transform)
+    order = fixed_order(len(train), split_seed).tolist()
+    return {"train": Subset(train, order[val_size:]), "val": Subset(held_out, order[:val_size]),
+            "test": Subset(test, fixed_order(len(test), split_seed).tolist())}

@@ -18,16 +18,14 @@ from functools import cache
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from .common import IMPLS, LINEAR_MODES, check_choice, check_input, per_channel, stats_dtype
+from .common import IMPLS, LINEAR_MODES, EvoNormParams, check_choice, check_input, per_channel, stats_dtype
 from .fused import evonorm_batch, update_running_var
 
 log = logging.getLogger(__name__)
 
 
-class _EvoNormBatch(nn.Module):
-    has_v = False
+class _EvoNormBatch(EvoNormParams):
     variant = ""  # "b0" / "b1" / "b2": the instance term in evonorm.fused
 
     def __init__(
@@ -43,10 +41,7 @@ class _EvoNormBatch(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.apply_act = apply_act
+        super().__init__(num_features, apply_act, device, dtype)
         self.eps = eps
         self.momentum = momentum
         self.linear = check_choice(linear, LINEAR_MODES, "linear")
@@ -57,17 +52,10 @@ class _EvoNormBatch(nn.Module):
         if not apply_act and linear == "normalize":
             log.info("%s(%d): linear='normalize' divides by the batch std (the reference is affine only)",
                      type(self).__name__, num_features)
-        self.weight = nn.Parameter(torch.ones(num_features, **factory))
-        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        if self.has_v:
-            self.v = nn.Parameter(torch.ones(num_features, **factory))
-        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
 
     def instance_term(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def affine(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * per_channel(self.weight) + per_channel(self.bias)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features)
@@ -75,7 +63,7 @@ class _EvoNormBatch(nn.Module):
             return self.affine(x)
         synced = self.sync_stats and self.training and dist.is_available() and dist.is_initialized()
         if x.shape[0] == 0 and not synced:  # synced: an empty share still takes part in the all-reduce
-            return self.affine(x)
+            return self.empty_batch(x)
         if self.impl == "fast" and self.apply_act and not synced:
             return evonorm_batch(x, self.weight, self.bias, getattr(self, "v", None), self.running_var,
                                  variant=self.variant, eps=self.eps, momentum=self.momentum, training=self.training)
@@ -86,7 +74,7 @@ class _EvoNormBatch(nn.Module):
         else:
             var = self.running_var.to(xs.dtype)
         if x.shape[0] == 0:
-            return self.affine(x)
+            return self.empty_batch(x, var)
         den = per_channel(var.add(self.eps).sqrt())
         if self.apply_act:
             den = torch.maximum(den, self.instance_term(xs))

@@ -1,7 +1,13 @@
-"""Shared pieces of the norm-act layers: input checks, group choice, per-channel reshapes."""
+"""Shared pieces of the norm-act layers: their parameters and affine output, input checks, group choice,
+per-channel reshapes."""
 from __future__ import annotations
 
+import logging
+
 import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 LINEAR_MODES = ("affine", "normalize")
 IMPLS = ("fast", "reference")  # fast: evonorm.fused autograd functions; reference: plain autograd ops
@@ -41,3 +47,36 @@ def per_channel(t: torch.Tensor) -> torch.Tensor:
 def stats_dtype(x: torch.Tensor) -> torch.dtype:
     """Statistics run in float32 for half inputs (autocast), in the input's own dtype otherwise (float64 stays)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+class EvoNormParams(nn.Module):
+    """The parameters and affine output of an EvoNorm layer: ``weight`` (ones), ``bias`` (zeros) and, where the
+    variant has one and the layer has its activation (as in the reference), ``v`` (ones)."""
+    has_v = False
+
+    def __init__(self, num_features: int, apply_act: bool, device=None, dtype=None):
+        super().__init__()
+        self.num_features, self.apply_act = num_features, apply_act
+        self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        if self.has_v and apply_act:
+            self.v = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+
+    def affine(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * per_channel(self.weight) + per_channel(self.bias)).to(x.dtype)
+
+    def empty_batch(self, x: torch.Tensor, *connected: torch.Tensor) -> torch.Tensor:
+        """The output of an empty batch (no statistics; a running variance stays as it is), with every parameter
+        and ``connected`` (a synced variance, whose all-reduce must run in every process's backward) in its graph
+        at zero weight: DDP's gradient reduction waits for each parameter in every process."""
+        out = self.affine(x)
+        for t in (getattr(self, "v", None), *connected):
+            if t is not None:
+                out = out + 0 * t.sum()
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before v existed only with the activation hold one here that never entered the output
+        if not hasattr(self, "v") and state_dict.pop(prefix + "v", None) is not None:
+            log.debug("%sv dropped: a layer without activation has no v", prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -13,16 +13,15 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import nn
 
-from .common import IMPLS, LINEAR_MODES, check_choice, check_input, per_channel, resolve_groups, stats_dtype
+from .common import (IMPLS, LINEAR_MODES, EvoNormParams, check_choice, check_input, per_channel, resolve_groups,
+                     stats_dtype)
 from .fused import evonorm_sample
 
 log = logging.getLogger(__name__)
 
 
-class _EvoNormSample(nn.Module):
-    has_v = False
+class _EvoNormSample(EvoNormParams):
     uses_variance = True  # False: second moment (S2)
 
     def __init__(
@@ -37,35 +36,27 @@ class _EvoNormSample(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
+        super().__init__(num_features, apply_act, device, dtype)
         self.groups = resolve_groups(num_features, groups)
         if self.groups != groups:
             log.debug("%s(%d): %d groups (largest divisor <= %d)", type(self).__name__, num_features,
                       self.groups, groups)
-        self.apply_act = apply_act
         self.eps = eps
         self.linear = check_choice(linear, LINEAR_MODES, "linear")
         self.impl = check_choice(impl, IMPLS, "impl")
         if not apply_act and linear == "normalize":
             log.info("%s(%d): linear='normalize' divides by the group statistic (the reference is affine only)",
                      type(self).__name__, num_features)
-        self.weight = nn.Parameter(torch.ones(num_features, **factory))
-        self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        if self.has_v:
-            self.v = nn.Parameter(torch.ones(num_features, **factory))
 
     def numerator(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(x)
 
-    def affine(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * per_channel(self.weight) + per_channel(self.bias)).to(x.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x, self.num_features)
-        if (not self.apply_act and self.linear == "affine") or x.shape[0] == 0:
+        if not self.apply_act and self.linear == "affine":
             return self.affine(x)
+        if x.shape[0] == 0:
+            return self.empty_batch(x)
         if self.impl == "fast" and self.apply_act:
             return evonorm_sample(x, self.weight, self.bias, getattr(self, "v", None), groups=self.groups,
                                   eps=self.eps, centered=self.uses_variance)

@@ -313,14 +313,28 @@ def test_non_finite_batch_keeps_running_var_finite(name, impl):
 
 @pytest.mark.parametrize("name, impl", ALL_CASES)
 def test_empty_batch(name, impl):
+    """Shape kept, statistics untouched, and a zero gradient for every parameter: DDP (without
+    find_unused_parameters) waits for each one in every process, e.g. a Mask R-CNN head without RoIs."""
     layer = randomize(make(name, SHAPE[1], impl))
     stats_before = {k: b.clone() for k, b in layer.named_buffers() if b.is_floating_point()}
-    x = torch.empty(0, *SHAPE[1:], dtype=torch.float64)
+    x = torch.empty(0, *SHAPE[1:], dtype=torch.float64, requires_grad=True)
     y = layer(x)
     assert y.shape == x.shape and y.dtype == x.dtype
     for k, b in layer.named_buffers():
         if k in stats_before:
             assert torch.equal(b, stats_before[k]), k
+    y.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("name", ["b0", "s0"])  # the variants with a v
+def test_no_v_without_activation_as_the_reference_and_older_checkpoints_still_load(name):
+    """v only enters the activation: at apply_act=False it would be a parameter without a gradient, which DDP
+    refuses (Mask R-CNN's FPN, MobileNetV2's linear bottlenecks)."""
+    linear = norm_act(name, 8, apply_act=False)
+    assert [k for k, _ in linear.named_parameters()] == ["weight", "bias"]
+    older = {**linear.state_dict(), "v": torch.ones(8)}
+    linear.load_state_dict(older)  # strict: the v such layers used to hold is dropped
 
 
 @pytest.mark.parametrize("shape", [(1, 40, 5, 7), (4, 40, 1, 1)], ids=["N=1", "1x1"])
@@ -431,14 +445,14 @@ def test_param_groups_weight_decay():
 
 # ---------------------------------------------------------------- sync_stats (B-series, several processes)
 
-def _sync_stats_worker(rank, world, init_file, x, grad_y, states, out_dir):
-    """One process of the two-process run: its share of the batch (3 and 1 samples), gradients summed afterwards
-    as DDP would."""
+def _sync_stats_worker(rank, world, init_file, x, grad_y, states, out_dir, split):
+    """One process of the two-process run: its share of the batch (``split`` samples and the rest, possibly none),
+    gradients summed afterwards as DDP would."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        share = slice(0, 3) if rank == 0 else slice(3, None)
+        share = slice(0, split) if rank == 0 else slice(split, None)
         results = {}
         for name, state in states.items():
             layer = make(name, x.shape[1], "fast", sync_stats=True)
@@ -456,13 +470,15 @@ def _sync_stats_worker(rank, world, init_file, x, grad_y, states, out_dir):
         dist.destroy_process_group()
 
 
-def test_sync_stats_two_processes_match_one_batch(tmp_path):
+@pytest.mark.parametrize("split", [3, 4], ids=["3+1", "4+0"])
+def test_sync_stats_two_processes_match_one_batch(tmp_path, split):
     """sync_stats=True on two gloo processes with uneven shares equals one process on the whole batch: outputs,
-    input and parameter gradients, running variance."""
+    input and parameter gradients, running variance. An empty share takes part in the backward all-reduces too (it
+    used to leave them to the other process, which then waited for it forever)."""
     x, grad_y = sample_input((4, 6, 5, 3)), torch.randn(4, 6, 5, 3, dtype=torch.float64)
     layers = {name: randomize(make(name, 6, "reference")) for name in B_SERIES}
     states = {name: {k: v.clone() for k, v in layer.state_dict().items()} for name, layer in layers.items()}
-    torch.multiprocessing.spawn(_sync_stats_worker, args=(2, tmp_path / "init", x, grad_y, states, tmp_path),
+    torch.multiprocessing.spawn(_sync_stats_worker, args=(2, tmp_path / "init", x, grad_y, states, tmp_path, split),
                                 nprocs=2)
     shares = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for name, layer in layers.items():

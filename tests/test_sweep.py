@@ -260,7 +260,7 @@ def test_ddp_sweep_runs_each_job_once_and_measures_over_all_ranks(tmp_path):
     forever for ranks it believed started externally); one record and one wandb run per job; the metrics cover the
     samples of both ranks."""
     tasks = ["classification", "biggan", "maskrcnn"]
-    write_tiny_study(tmp_path / "conf", tasks, ["gn_relu"])
+    write_tiny_study(tmp_path / "conf", tasks, ["b0"])  # every parameter must get a gradient (FPN: no activation)
     # odd image counts: the distributed sampler repeats an image on one rank, COCOeval must count it once
     budget = tmp_path / "conf" / "budget" / "tiny_study" / "maskrcnn.yaml"
     maskrcnn_budget = yaml.safe_load(budget.read_text())
@@ -274,7 +274,7 @@ def test_ddp_sweep_runs_each_job_once_and_measures_over_all_ranks(tmp_path):
                 env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_dirs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name not in (".hydra", "wandb"))
-    assert job_dirs == [f"{n}-{task}-gn_relu-s0" for n, task in enumerate(tasks)]
+    assert job_dirs == [f"{n}-{task}-b0-s0" for n, task in enumerate(tasks)]
     records = {}
     for job_dir, task in zip(job_dirs, tasks):
         records[task] = json.loads((sweep_dir / job_dir / "results.json").read_text())

@@ -19,7 +19,8 @@ from functools import cache
 import torch
 import torch.distributed as dist
 
-from .common import IMPLS, LINEAR_MODES, EvoNormParams, check_choice, check_input, per_channel, stats_dtype
+from .common import (IMPLS, LINEAR_MODES, EvoNormParams, check_choice, check_input, check_range, per_channel,
+                     stats_dtype)
 from .fused import evonorm_batch, update_running_var
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class _EvoNormBatch(EvoNormParams):
         dtype=None,
     ):
         super().__init__(num_features, apply_act, device, dtype)
-        self.eps = eps
-        self.momentum = momentum
+        self.eps = check_range(eps, "eps", 0)
+        # None (BatchNorm's cumulative average) has no counterpart in the reference
+        self.momentum = check_range(momentum, "momentum", 0, 1)
         self.linear = check_choice(linear, LINEAR_MODES, "linear")
         self.impl = check_choice(impl, IMPLS, "impl")
         self.sync_stats = sync_stats

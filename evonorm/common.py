@@ -3,6 +3,7 @@ per-channel reshapes."""
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -39,6 +40,13 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
+def check_range(value, what: str, low: float, high: float = math.inf):
+    """``value`` if it is a number in [low, high]; else a ValueError naming ``what`` (an argument) and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{what} must be a number in [{low}, {high}], got {value!r}")
+    return value
+
+
 def per_channel(t: torch.Tensor) -> torch.Tensor:
     """View a (C,) tensor so that it broadcasts against (N, C, H, W)."""
     return t.view(1, -1, 1, 1)
@@ -56,7 +64,7 @@ class EvoNormParams(nn.Module):
 
     def __init__(self, num_features: int, apply_act: bool, device=None, dtype=None):
         super().__init__()
-        self.num_features, self.apply_act = num_features, apply_act
+        self.num_features, self.apply_act = check_range(num_features, "num_features", 1), apply_act
         self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
         if self.has_v and apply_act:

@@ -41,6 +41,9 @@ def norm_act(name: str, num_features: int, apply_act: bool = True, **kwargs) -> 
         layer = NORM_ACT_LAYERS[name]
     except KeyError:
         raise ValueError(f"unknown norm-act layer {name!r}; valid names: {', '.join(NORM_ACT_NAMES)}") from None
+    if "act" in kwargs:  # bn_relu with act="silu" would be bn_silu under another name
+        raise ValueError(f"norm-act layer {name!r} names its activation: choose the name with the one wanted "
+                         f"({', '.join(NORM_ACT_NAMES)}) instead of act={kwargs['act']!r}")
     return layer(num_features, apply_act=apply_act, **kwargs)
 
 

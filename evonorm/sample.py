@@ -14,8 +14,8 @@ import logging
 
 import torch
 
-from .common import (IMPLS, LINEAR_MODES, EvoNormParams, check_choice, check_input, per_channel, resolve_groups,
-                     stats_dtype)
+from .common import (IMPLS, LINEAR_MODES, EvoNormParams, check_choice, check_input, check_range, per_channel,
+                     resolve_groups, stats_dtype)
 from .fused import evonorm_sample
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class _EvoNormSample(EvoNormParams):
         if self.groups != groups:
             log.debug("%s(%d): %d groups (largest divisor <= %d)", type(self).__name__, num_features,
                       self.groups, groups)
-        self.eps = eps
+        self.eps = check_range(eps, "eps", 0)
         self.linear = check_choice(linear, LINEAR_MODES, "linear")
         self.impl = check_choice(impl, IMPLS, "impl")
         if not apply_act and linear == "normalize":

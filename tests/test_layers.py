@@ -387,6 +387,23 @@ def test_unknown_name_lists_valid_names(build):
     assert all(n in str(info.value) for n in NAMES)
 
 
+@pytest.mark.parametrize("kwargs, says", [
+    ({"act": "silu"}, r"'bn_relu' names its activation: choose the name .*bn_silu.* instead of act='silu'"),
+    ({"momentum": None}, r"momentum must be a number in \[0, 1\], got None"),
+    ({"momentum": 1.5}, r"momentum must be a number in \[0, 1\], got 1.5"),
+    ({"eps": -1e-5}, r"eps must be a number in \[0, inf\], got -1e-05"),
+], ids=["act", "momentum None", "momentum 1.5", "eps"])
+def test_bad_layer_options_are_refused_when_built(kwargs, says):
+    name = "bn_relu" if "act" in kwargs else "b0"
+    with pytest.raises(ValueError, match=says):
+        norm_act(name, 8, **kwargs)
+    if "eps" in kwargs:
+        with pytest.raises(ValueError, match=says):
+            norm_act("s0", 8, **kwargs)
+    with pytest.raises(ValueError, match=r"num_features must be a number in \[1, inf\], got 0"):
+        norm_act("s1", 0)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 5), (2, 8, 5, 7, 3)], ids=["3d", "5d"])
 @pytest.mark.parametrize("name", NAMES)
 def test_wrong_rank_raises(name, shape):

@@ -34,6 +34,7 @@ def build_model(overrides: list[str], ckpt: str | None):
     """(model in training mode, its data module)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["task=maskrcnn", "logger=none", *overrides])
+    torch.manual_seed(cfg.seed)  # without --ckpt, every variant starts from the same weights where it can
     parts = build_task(cfg.task.name, cfg.task, norm_act_factory(cfg.norm.name, **cfg.norm.kwargs))
     if ckpt:
         parts.module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
@@ -52,6 +53,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = args.variant or [""]
+    if data_keys := [o for v in variants for o in v.split() if o.lstrip("+~").startswith("task.data.")]:
+        parser.error(f"variants share the first variant's batches: give {', '.join(data_keys)} to all, not one")
     built = [build_model(args.overrides + v.split(), args.ckpt) for v in variants]
     data = built[0][1]
     size = data.batch_size

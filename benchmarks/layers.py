@@ -79,6 +79,13 @@ def keep_freed_memory() -> bool:
     ))
 
 
+def refuse_fallbacks() -> None:
+    """Stop where a fast path failed in this process: its rows would time the eager stages under its label."""
+    if failed := fused.fallbacks():
+        raise SystemExit(f"{' and '.join(failed)} failed (see the warning above): the rows of those paths would "
+                         "time the eager stages; nothing reported. Fix the cause, or leave those impls out")
+
+
 def parse_shapes(spec: str) -> list[tuple[int, ...]]:
     names = []
     for item in spec.split(","):
@@ -247,6 +254,7 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
 
     for case in layers:  # warm-up (the first fast call of a kernel may compile it), then time one round
         timed(forward_backward, case)
+    refuse_fallbacks()
     round_s = sum(timed(forward_backward, case) for case in layers) / 1e3
     streamed = device.type == "cuda"
     calls_per_round = 2 + (STREAM_CALLS if streamed else 0)  # fwd + fwd_bwd (< 2 fwd_bwd) + a stream block

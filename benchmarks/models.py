@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import evonorm  # noqa: E402
 from evonorm import triton_native  # noqa: E402
-from benchmarks.layers import BASELINE, EVONORM_NAMES, saved_bytes  # noqa: E402
+from benchmarks.layers import BASELINE, EVONORM_NAMES, refuse_fallbacks, saved_bytes  # noqa: E402
 from tasks.classification.models import build_model  # noqa: E402
 from tasks.maskrcnn.model import build_maskrcnn  # noqa: E402
 
@@ -57,6 +57,17 @@ BOX_HEADS = {"4conv1fc": {"box_head_convs": 4, "box_head_fcs": 1}, "2fc": {"box_
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_rss_peak() -> None:
+    """Linux: the process's peak resident size (VmHWM) restarts from its current size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def rss_peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def classifier_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: torch.device):
@@ -100,7 +111,8 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     names the dtype of a ``torch.autocast`` region around the forward and the loss (mixed precision);
     ``host_profile`` prints where the host's time of one more step goes; ``compile`` compiles the model in place
     (``nn.Module.compile``; Mask R-CNN: its backbone and FPN, as ``compile=true`` does in the pipeline), and the
-    warm-up step's time, which includes compiling, is reported as ``compile_s``."""
+    warm-up step's time, which includes compiling, is reported as ``compile_s``. Saved bytes and peak memory are the
+    model's as timed (compiled, in its precision), the peak over the timed steps only."""
     dev = torch.device(device)
     torch.manual_seed(0)
     if impl == "fast-native":
@@ -116,37 +128,47 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     args = x if isinstance(x, list) else [x]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
+    def mixed_precision():
+        return torch.autocast(dev.type, dtype=getattr(torch, autocast or "float32"), enabled=autocast is not None)
+
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=getattr(torch, autocast or "float32"), enabled=autocast is not None):
+        with mixed_precision():
             loss = loss_of(model(*args))
         loss.backward()
         optimizer.step()
 
-    saved = 0 if detector else saved_bytes(model, x)  # detection: RoI sampling varies per call
     if compile:
         (model.backbone if detector else model).compile()
-    base_rss = rss_bytes()
-    if dev.type == "cuda":
+    cuda = dev.type == "cuda"
+    sync()
+    start = time.perf_counter()
+    step()  # warms up (and compiles)
+    sync()
+    warm_up_s = time.perf_counter() - start
+    refuse_fallbacks()
+    with mixed_precision():  # what the model as measured keeps: compiled, in the step's precision
+        saved = 0 if detector else saved_bytes(model, x)  # detection: RoI sampling varies per call
+    # peaks from here on: not the warm-up's (compiling takes far more host memory than a step)
+    if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
         base_cuda = torch.cuda.memory_allocated(dev)
+    else:
+        reset_rss_peak()
+        base_rss = rss_bytes()
     times, host_times = [], []
-    for i in range(steps + 1):
+    for _ in range(steps):
         sync()
         start = time.perf_counter()
         step()
         issued = time.perf_counter()
         sync()
-        if i:  # the first step warms up (and compiles)
-            times.append((time.perf_counter() - start) * 1e3)
-            host_times.append((issued - start) * 1e3)
-        else:
-            warm_up_s = time.perf_counter() - start
-    cuda = dev.type == "cuda"
+        times.append((time.perf_counter() - start) * 1e3)
+        host_times.append((issued - start) * 1e3)
     if cuda:
         peak = torch.cuda.max_memory_allocated(dev) - base_cuda
     else:
-        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss)
+        peak = max(0, rss_peak_bytes() - base_rss)
     if host_profile:
         print_host_profile(step, f"{layer}/{impl}", cuda)
     return {"step_ms": statistics.median(times), "host_ms": statistics.median(host_times) if cuda else None,

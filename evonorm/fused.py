@@ -110,6 +110,14 @@ def _run_compiled(stage: Callable, *args):
         return None
 
 
+def fallbacks() -> list[str]:
+    """The fast paths that failed in this process, whose calls now run the eager stages (what a benchmark row
+    labelled with that path would measure instead)."""
+    states = {"fused CPU kernels": _cpu_state, "torch.compile stages": _compile_state, "Triton stages": _triton_state,
+              "native Triton launches": triton_native._state}
+    return [path for path, state in states.items() if state["failed"]]
+
+
 def _fail(state: dict, failure: str, err: Exception) -> None:
     log.warning("evonorm: %s, using the eager kernels from now on (%s: %s)", failure, type(err).__name__, err)
     state["failed"] = True

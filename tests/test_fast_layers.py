@@ -488,3 +488,12 @@ def test_benchmark_quick_run_writes_json(tmp_path):
     assert base["fwd_bwd_ratio"] == 1.0
     assert all(r["saved_ratio"] < 2.0 for r in rows if r["impl"].startswith("fast"))
     assert "fwd+bwd ms" in proc.stdout
+
+
+def test_benchmark_refuses_rows_of_a_fast_path_that_fell_back(monkeypatch):
+    """A failed build (no C++ compiler) makes impl=fast run the eager stages: those rows would be mislabelled."""
+    from benchmarks import layers as bench
+    monkeypatch.setitem(fused._cpu_state, "failed", True)
+    assert fused.fallbacks() == ["fused CPU kernels"]
+    with pytest.raises(SystemExit, match="fused CPU kernels failed .* would time the eager stages; nothing reported"):
+        bench.main(["--quick", "--layers", "b0"])

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import models
 
@@ -41,6 +42,17 @@ def test_model_benchmark_compiled(tmp_path):
     assert saved["meta"]["compile"] and row["compile_s"] > 1.0 and 0 < row["step_ms"] < 1e3 * row["compile_s"]
 
 
+def test_compiled_saved_bytes_are_the_compiled_models_in_its_precision(monkeypatch):
+    """They were taken before compiling, outside autocast: the eager fp32 model's."""
+    seen = []
+    monkeypatch.setattr(models, "saved_bytes", lambda model, x: seen.append(
+        (model._compiled_call_impl is not None, torch.get_autocast_dtype("cpu"), torch.is_autocast_enabled("cpu")))
+        or 1)
+    row = models.measure("preact_resnet_cifar", "bn_relu", "torch", batch=4, size=32, steps=1, device="cpu",
+                         autocast="bfloat16", compile=True)
+    assert seen == [(True, torch.bfloat16, True)] and row["saved_bytes"] == 1 and row["peak_bytes"] >= 0
+
+
 def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
     from benchmarks import detection_step
     from tests.test_maskrcnn import TINY_OVERRIDES
@@ -55,6 +67,9 @@ def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
             if line.startswith(tuple(variants))}
     assert rows[variants[0]][1] == "1.00"
     assert float(rows[variants[1]][0]) == pytest.approx(medians[variants[1]], abs=1e-3)
+    with pytest.raises(SystemExit):  # the variants share the first one's batches: a data key would not reach them
+        detection_step.main([*common, "--variant", "task.data.batch_size=4"])
+    assert "give task.data.batch_size=4 to all, not one" in capsys.readouterr().err
 
 
 def test_host_overhead_benchmark_times_every_launch_path():

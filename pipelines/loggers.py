@@ -1,14 +1,19 @@
 """Experiment loggers. wandb never blocks: offline unless the user set WANDB_MODE or has credentials."""
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from pipelines.sweep import multirun_sweep_dir
+
+log = logging.getLogger(__name__)
+ONLINE_START_TIMEOUT_S = 30  # wandb's own default waits 90 s
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -23,6 +28,21 @@ def wandb_mode(configured: str | None) -> str:
     except (OSError, netrc.NetrcParseError):
         has_login = False
     return "online" if has_login else "offline"
+
+
+def start_wandb(mode: str, **init):
+    """``wandb.init(mode=mode, **init)``. Online (credentials found), a start that fails within
+    ``ONLINE_START_TIMEOUT_S`` (no network, a rejected key) is logged and the run goes offline instead: a run never
+    fails or waits long for wandb."""
+    import wandb
+    if mode == "online":
+        try:
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_START_TIMEOUT_S), **init)
+        except Exception as e:
+            log.warning("wandb could not start online (%s: %s); logging offline instead (upload later with wandb "
+                        "sync <the run's wandb dir>)", type(e).__name__, e)
+            mode = "offline"
+    return wandb.init(mode=mode, **init)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -42,11 +62,12 @@ def build_loggers(cfg: DictConfig, output_dir: Path, model: str) -> list[Logger]
     if kind == "csv":
         return [CSVLogger(output_dir, name="csv")]  # csv/version_<n>: a resumed attempt keeps the earlier ones
     if kind == "wandb":
-        logger = WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=run_group(cfg),
-            tags=[cfg.task.name, cfg.norm.name, model, *cfg.logger.tags], save_dir=str(output_dir),
-            mode=wandb_mode(cfg.logger.mode),
-        )
+        run = dict(project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=run_group(cfg),
+                   tags=[cfg.task.name, cfg.norm.name, model, *cfg.logger.tags])
+        # rank 0 starts the wandb run (the other DDP ranks log nothing)
+        experiment = start_wandb(wandb_mode(cfg.logger.mode), dir=str(output_dir), **run) \
+            if rank_zero_only.rank == 0 else None
+        logger = WandbLogger(experiment=experiment, save_dir=str(output_dir), **run)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         return [logger]
     raise ValueError(f"unknown logger {kind!r}; choose wandb, csv or none")

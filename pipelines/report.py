@@ -386,12 +386,12 @@ def log_to_wandb(report: TransferReport, out_dir: Path, logger_cfg) -> None:
     """The table and the picture as one wandb run (job type ``report``) in the sweep's group."""
     import wandb
 
-    from pipelines.loggers import wandb_mode
+    from pipelines.loggers import start_wandb, wandb_mode
 
     columns, rows = table_rows(report)
-    run = wandb.init(project=logger_cfg.get("project"), entity=logger_cfg.get("entity"),
-                     group=logger_cfg.get("group") or out_dir.name, name="transfer-report", job_type="report",
-                     mode=wandb_mode(logger_cfg.get("mode")), dir=str(out_dir))
+    run = start_wandb(wandb_mode(logger_cfg.get("mode")), project=logger_cfg.get("project"),
+                      entity=logger_cfg.get("entity"), group=logger_cfg.get("group") or out_dir.name,
+                      name="transfer-report", job_type="report", dir=str(out_dir))
     try:
         run.log({"transfer/table": wandb.Table(columns=columns, data=[[str(v) for v in r] for r in rows]),
                  "transfer/chart": wandb.Image(str(out_dir / "transfer.png"))})

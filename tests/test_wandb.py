@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from pipelines.loggers import wandb_mode
+from pipelines.loggers import ONLINE_START_TIMEOUT_S, start_wandb, wandb_mode
 from tests.conftest import REPO_ROOT, SMOKE_OVERRIDES
 
 
@@ -19,6 +19,25 @@ def test_wandb_mode_never_prompts(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode(None) == "disabled"
     assert wandb_mode("offline") == "offline"
+
+
+def test_an_online_start_that_fails_goes_offline_with_a_warning(monkeypatch, caplog):
+    """Credentials but no network: wandb waited, then failed the run."""
+    import wandb
+    calls = []
+
+    def init(mode, **kwargs):
+        calls.append((mode, kwargs.get("settings")))
+        if mode == "online":
+            raise wandb.errors.CommError("context deadline exceeded")
+        return "offline run"
+
+    monkeypatch.setattr(wandb, "init", init)
+    assert start_wandb("online", project="p") == "offline run"
+    assert [mode for mode, _ in calls] == ["online", "offline"] and calls[0][1].init_timeout == ONLINE_START_TIMEOUT_S
+    assert "wandb could not start online (CommError: context deadline exceeded); logging offline instead" in caplog.text
+    calls.clear()
+    assert start_wandb("disabled") == "offline run" and calls == [("disabled", None)]
 
 
 def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):

@@ -9,6 +9,7 @@ to train, another run's checkpoint) are refused before anything starts.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from evonorm import norm_act_factory
+from evonorm.factory import NORM_ACT_LAYERS
 from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat
 from pipelines.loggers import build_loggers, finish_wandb
 from pipelines.records import (RESULTS_FILE, config_changes, describe_changes, effective_status, flat_items,
@@ -30,10 +32,11 @@ from pipelines.records import (RESULTS_FILE, config_changes, describe_changes, e
 from pipelines.sweep import (ddp_launch_state, end_ddp_job, multirun_job_num, multirun_sweep_dir,
                              relaunch_ddp_as_this_job)
 from pipelines.sync_batchnorm import trainer_arguments
-from tasks import build_task
+from tasks import TASKS, build_task, extra_config_keys
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
 # may vary between attempts of one run (compile: the same model and numerics up to float rounding)
 CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "heartbeat_s", "report", "compile")
 # the top-level keys of conf/config.yaml (its own and its groups' packages) and +resume; experiments and budgets
@@ -80,6 +83,39 @@ def likely_keys(unknown: str, known: dict) -> list[str]:
     return ends_alike or difflib.get_close_matches(unknown, known, n=2)
 
 
+def group_keys(cfg: DictConfig) -> dict[str, set[str]]:
+    """What each config group's node may hold, by flat key: the task's config file (and what the task passes
+    through), the layer's constructor arguments, Lightning's Trainer arguments. A group file from another config
+    dir (a task or layer the project does not know) is not checked."""
+    known = {"trainer": {f"trainer.{k}" for k in inspect.signature(pl.Trainer).parameters} | {"trainer.sync_batchnorm"}}
+    task_file = CONF_DIR / "task" / f"{cfg.task.name}.yaml"
+    if cfg.task.name in TASKS and task_file.is_file():
+        listed = flat_items(OmegaConf.to_container(OmegaConf.load(task_file)))
+        known["task"] = {f"task.{k.rstrip('.')}" for k in listed} | {f"task.{k}" for k in extra_config_keys(
+            cfg.task.name)}
+    if cfg.norm.name in NORM_ACT_LAYERS:
+        layer = inspect.signature(NORM_ACT_LAYERS[cfg.norm.name]).parameters
+        known["norm"] = {"norm.name"} | {f"norm.kwargs.{k}" for k in layer if k not in ("num_features", "apply_act")}
+    return known
+
+
+def check_group_keys(cfg: DictConfig) -> None:
+    """Refuse a key under task, norm or trainer that nothing takes (a `+key=` typo, which some builders ignored and
+    others met with a bare TypeError), naming the likely one."""
+    hints = []
+    for group, known in group_keys(cfg).items():
+        given = {f"{group}.{k.rstrip('.')}": v for k, v in
+                 flat_items(OmegaConf.to_container(cfg[group])).items()}
+        for key, value in given.items():
+            if key not in known and not any(key.startswith(k + ".") for k in known):  # a dict value of a known key
+                matches = difflib.get_close_matches(key, sorted(known), n=1)
+                hints.append(f"{key}: did you mean {matches[0]}={value}?" if matches else f"{key}: no such setting.")
+    if hints:
+        raise ValueError(f"unknown config key(s), which the run would ignore or fail on: {' '.join(hints)} (task "
+                         "keys: conf/task/<task>.yaml; norm.kwargs: the layer's arguments; trainer: Lightning's "
+                         "Trainer arguments)")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse, before anything starts, a config the run cannot do what was asked with: a top-level key the project
     does not know (``+data.root=...`` for ``task.data.root=...``: it would be ignored), nothing to train, or an
@@ -97,6 +133,7 @@ def check_config(cfg: DictConfig) -> None:
                          if matches else f"{key}: no such setting.")
         raise ValueError(f"unknown top-level config key(s) {', '.join(unknown)} (the run would ignore them). "
                          f"{' '.join(hints)} Top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+    check_group_keys(cfg)
     for key in TRAINING_LENGTH_KEYS:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent)

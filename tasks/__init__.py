@@ -15,3 +15,9 @@ def build_task(name: str, task_cfg, norm_act):
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return importlib.import_module(f"tasks.{name}.task").build(task_cfg, norm_act)
+
+
+def extra_config_keys(name: str) -> tuple[str, ...]:
+    """The keys a task takes beyond those of its config file (``model.rpn_nms_thresh``, ...): the
+    ``EXTRA_CONFIG_KEYS`` of its task module, if any."""
+    return getattr(importlib.import_module(f"tasks.{name}.task"), "EXTRA_CONFIG_KEYS", ())

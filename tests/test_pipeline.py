@@ -19,8 +19,8 @@ import pipelines.run
 from evonorm import NORM_ACT_NAMES
 from pipelines.callbacks import FiniteLossCheck
 from pipelines.records import write_record
-from pipelines.run import (TOP_LEVEL_KEYS, RunDirConflict, describe_error, nan_loss_remedies, newest_checkpoint, run,
-                           run_config)
+from pipelines.run import (TOP_LEVEL_KEYS, RunDirConflict, check_config, describe_error, nan_loss_remedies,
+                           newest_checkpoint, run, run_config)
 from tests.conftest import CONF_DIR, REPO_ROOT, SMOKE_OVERRIDES
 
 RECORD_KEYS = {"status", "task", "norm", "model", "dataset", "seed", "test", "best_val", "steps", "epochs",
@@ -150,12 +150,27 @@ def test_checkpoints_beside_an_unreadable_record_are_not_trained_over(compose_cf
     (["task=maskrcnn", "task.steps=-5"], "task.steps", "task.steps=-5 leaves nothing to train"),
     (["trainer.max_epochs=0"], "trainer.max_epochs", "trainer.max_epochs=0 leaves nothing to train"),
     (["test_ckpt=final"], "test_ckpt", "test_ckpt must be 'best' or 'last'"),
-], ids=["+data.root", "+sed", "epochs=0", "biggan-epochs=-1", "maskrcnn-steps=-5", "max_epochs=0", "test_ckpt"])
+    # keys that nothing takes: some builders ignored them (the first two), others failed with a bare TypeError
+    (["task=maskrcnn", "+task.model.fpn_chanels=32"], "task.model.fpn_channels",
+     "task.model.fpn_chanels: did you mean task.model.fpn_channels=32?"),
+    (["task=biggan", "+task.metrics.grid_column=4"], "task.metrics.grid_columns",
+     "task.metrics.grid_column: did you mean task.metrics.grid_columns=4?"),
+    (["+task.data.rooot=/x"], "task.data.root", "task.data.rooot: did you mean task.data.root=/x?"),
+    (["+norm.kwargs.epss=0.001"], "norm.kwargs.eps", "norm.kwargs.epss: did you mean norm.kwargs.eps=0.001?"),
+    (["+trainer.max_step=3"], "trainer.max_epochs", "trainer.max_step: did you mean trainer.max_steps=3?"),
+], ids=["+data.root", "+sed", "epochs=0", "biggan-epochs=-1", "maskrcnn-steps=-5", "max_epochs=0", "test_ckpt",
+        "+fpn_chanels", "+grid_column", "+rooot", "+epss", "+max_step"])
 def test_config_mistakes_are_refused_before_anything_starts(overrides, key, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
         run(compose_task(*overrides, f"output_dir={tmp_path}"))
     assert has_key(compose_task(*[o for o in overrides if o.startswith("task=")]), key)  # an override that works
     assert not (tmp_path / "results.json").exists()
+
+
+def test_arguments_a_task_passes_through_and_lightnings_trainer_takes_are_known(tmp_path):
+    for overrides in (["task=maskrcnn", "+task.model.rpn_nms_thresh=0.6"], ["+trainer.limit_train_batches=0.5"],
+                      ["experiment=maskrcnn_r50_fpn_coco"], ["experiment=biggan128_imagenet"]):
+        check_config(compose_task(*overrides, f"output_dir={tmp_path}"))
 
 
 def test_top_level_keys_are_those_of_the_config(compose_cfg):

@@ -9,6 +9,7 @@ the standard choice (GN-ReLU backbone, no norm in FPN and heads, where convs tak
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections import OrderedDict
@@ -30,6 +31,10 @@ from tasks.common.backbones import NormAct, init_weights, preact_resnet
 
 log = logging.getLogger(__name__)
 NORM_POSITIONS = ("backbone", "fpn", "heads")
+# torchvision MaskRCNN arguments that task.model passes through (RPN / RoI sampling and post-processing); the
+# others are our parts
+DETECTOR_KWARGS = tuple(p for p in inspect.signature(MaskRCNN).parameters if p.startswith(("rpn_", "box_", "bbox_"))
+                        and p not in ("rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor"))
 STANDARD_BACKBONE_NORM = "gn_relu"
 BATCH_STATS = (evonorm.EvoNormB0, evonorm.EvoNormB1, evonorm.EvoNormB2, nn.modules.batchnorm._BatchNorm)
 DETECTION_BACKBONES = ("preact_resnet18", "preact_resnet50")

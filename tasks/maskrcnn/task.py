@@ -6,8 +6,10 @@ from omegaconf import DictConfig, OmegaConf
 from tasks.base import TaskParts
 
 from .data import DetectionData
-from .model import build_maskrcnn
+from .model import DETECTOR_KWARGS, build_maskrcnn
 from .module import MaskRCNNModule
+
+EXTRA_CONFIG_KEYS = tuple(f"model.{k}" for k in DETECTOR_KWARGS)  # beyond conf/task/maskrcnn.yaml's
 
 
 def build(cfg: DictConfig, norm_act) -> TaskParts:

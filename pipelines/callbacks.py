@@ -25,7 +25,8 @@ class FiniteLossCheck(pl.Callback):
         if loss is not None and not torch.isfinite(loss).all():
             raise NonFiniteLossError(
                 f"training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}). "
-                f"{self.remedies}; checkpoints written so far are kept in the run's checkpoints/ folder.")
+                f"{self.remedies}. The checkpoints of earlier epochs, if any, stay in the run's checkpoints/ folder "
+                "(none is saved now: the weights may be broken).")
 
 
 class CheckpointOnException(pl.Callback):
@@ -48,7 +49,8 @@ class CheckpointOnException(pl.Callback):
 
 class Heartbeat(pl.Callback):
     """Calls ``beat(trainer)`` at most every ``interval_s`` seconds while batches run (training, validation, test),
-    so that the record of a killed run can be told from a live one (and says how far it got)."""
+    and whenever a checkpoint is saved, so that the record of a killed run can be told from a live one and says how
+    far it got."""
 
     def __init__(self, beat: Callable[[pl.Trainer], None], interval_s: float):
         self.beat, self.interval_s = beat, interval_s
@@ -67,6 +69,10 @@ class Heartbeat(pl.Callback):
 
     def on_test_batch_end(self, trainer, *args):
         self._maybe_beat(trainer)
+
+    def on_save_checkpoint(self, trainer, *args):  # what a run killed from here on can resume from: say how far
+        self.beat(trainer)
+        self.last = time.monotonic()
 
 
 class BestMetrics(pl.Callback):

@@ -400,7 +400,11 @@ def log_to_wandb(report: TransferReport, out_dir: Path, logger_cfg) -> None:
 
 
 def write_report(dirs: list[Path], out_dir: Path, reference: str = "bn_relu", wandb_logger=None) -> TransferReport:
-    report = build_report(collect_records([Path(d) for d in dirs]), reference)
+    records = collect_records([Path(d) for d in dirs])
+    if not records:
+        raise FileNotFoundError(f"no run records ({RESULTS_FILE}) under {', '.join(map(str, dirs))}; pass sweep or "
+                                "run dirs")
+    report = build_report(records, reference)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "transfer.md").write_text(markdown(report))
@@ -420,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep (or run) dirs; every results.json below counts")
     parser.add_argument("--reference", default="bn_relu", help="layer the others are compared to (bn_relu)")
-    parser.add_argument("--out", type=Path, help="where to write transfer.{md,csv,png} (default: the first dir)")
+    parser.add_argument("--out", type=Path, help="where to write transfer.{md,csv,png} (default: the dir, when one "
+                        "is given)")
     parser.add_argument("--wandb", action="store_true", help="also log the table to wandb (offline unless logged in)")
     args = parser.parse_args(argv)
+    if len(args.dirs) > 1 and args.out is None:  # the first sweep's own report would be replaced
+        parser.error("several dirs: give --out DIR for the report over them")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         report = write_report(args.dirs, args.out or args.dirs[0], args.reference,

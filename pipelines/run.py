@@ -179,7 +179,8 @@ def describe_error(error: BaseException, saved_checkpoint: Path | None, sweep_di
         text = f"interrupted ({text})"
     if saved_checkpoint is not None:
         text += (f"; resume by re-running the sweep with +resume={sweep_dir}" if sweep_dir is not None else
-                 f"; resume with ckpt_path={saved_checkpoint} (or run the same command into the same dir)")
+                 f"; resume with the same overrides and +resume={saved_checkpoint.parent.parent} (or "
+                 f"ckpt_path={saved_checkpoint})")
     return text
 
 
@@ -220,6 +221,9 @@ def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> None:
                 f"ckpt_path={ckpt_path} belongs to a run of task={theirs[0]} norm={theirs[1]} ({owner_dir}), not "
                 f"task={ours[0]} norm={ours[1]}: pass a checkpoint of a task={ours[0]} norm={ours[1]} run, or run "
                 f"task={theirs[0]} norm={theirs[1]} to go on with that one")
+    if ckpt_path.is_dir():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a dir; give a checkpoint file (e.g. "
+                                f"{ckpt_path}/checkpoints/last.ckpt), or +resume=<run dir> to go on with a run")
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
     try:
@@ -260,6 +264,16 @@ def previous_attempt(output_dir: Path, config: dict, ckpt_path=None) -> tuple[di
     return previous, added
 
 
+def check_resume_dir(resume: str, output_dir: Path) -> None:
+    """A single run's ``+resume=<dir>`` must name a run: not a sweep dir (that needs -m and its grid), nor a dir
+    with no run recorded in it (Hydra has made it by now), where a fresh run would start silently."""
+    if (Path(resume) / "multirun.yaml").is_file():
+        raise ValueError(f"+resume={resume} is a sweep dir: re-run the sweep with -m and its grid")
+    if read_record(output_dir) is None and newest_checkpoint(output_dir) is None:
+        raise ValueError(f"+resume={resume}: no run recorded there to go on with; to start a run in that dir, give "
+                         f"hydra.run.dir={resume} instead")
+
+
 def attempt_summary(record: dict) -> dict:
     keys = ("status", "error", "steps", "epochs", "wall_time_s", "started_at", "host", "pid", "compile")
     return {**{k: record.get(k) for k in keys}, "status": effective_status(record)}
@@ -272,6 +286,8 @@ def run(cfg: DictConfig) -> dict:
     config = run_config(cfg)
     ckpt_path, previous = cfg.ckpt_path, None
     if rank_zero_only.rank == 0:
+        if cfg.get("resume") and multirun_sweep_dir() is None:
+            check_resume_dir(cfg.resume, output_dir)
         previous, added = previous_attempt(output_dir, config, ckpt_path)
         if added:
             log.info("%s: its record predates these config keys, taken at their current values: %s", output_dir,
@@ -313,6 +329,7 @@ def run(cfg: DictConfig) -> dict:
         log.info("compile=%s: %s", cfg.get("compile"), ", ".join(record["compiled_modules"]) or "eager")
         record.update(model=parts.model, dataset=parts.dataset, monitor=parts.monitor, mode=parts.mode,
                       params=sum(p.numel() for p in parts.module.parameters()))
+        write_record(output_dir, record)  # the task's headline metric, for the report of a run killed from here on
         loggers = build_loggers(cfg, output_dir, parts.model)
         best, checkpoint, crash, callbacks = build_callbacks(cfg, output_dir, parts, bool(loggers), beat)
         relaunch_ddp_as_this_job(output_dir)

@@ -142,6 +142,10 @@ class TransferReportCallback(Callback):
         from pipelines.run import RunDirConflict, check_config, previous_attempt, run_config  # the training stack
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        if config.get("resume") and not any(sweep_dir.glob(f"*/{RESULTS_FILE}")):
+            log.error("+resume=%s: no sweep run there to go on with (no <job dir>/%s); to start a sweep in that dir, "
+                      "give hydra.sweep.dir=%s instead; no job started", config.resume, RESULTS_FILE, config.resume)
+            sys.exit(1)
         (sweep_dir / REFUSED_JOBS_FILE).unlink(missing_ok=True)  # an earlier invocation's
         completed = completed_records(sweep_dir)
         refusals, first_at = [], {}
@@ -159,9 +163,10 @@ class TransferReportCallback(Callback):
                     (d for d, r in completed if not config_changes(r["config"], job_config)[0]), None)
                 if done_elsewhere:
                     refusals.append(f"{' '.join(overrides)}: completed already in {done_elsewhere}, another job "
-                                    "number: this grid numbers its jobs otherwise than the one that made the sweep "
-                                    "dir (a value added in the middle?); sweep only the values to add, or use a new "
-                                    "sweep dir")
+                                    "number: this command numbers its grid otherwise than the one that made the "
+                                    "sweep dir (keys in another order, or a value added in the middle). Give the "
+                                    f"keys in that command's order ({sweep_dir / 'multirun.yaml'}, "
+                                    "hydra.overrides.task), and sweep values to add on their own")
             except (ValueError, RunDirConflict) as e:
                 refusals.append(f"{' '.join(overrides)}: {type(e).__name__}: {e}")
         if refusals:

@@ -96,10 +96,13 @@ def test_rerun_in_the_same_dir_skips_completed_and_resumes_killed(compose_cfg, t
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     crashed = read_record(tmp_path)
-    assert crashed["status"] == "failed" and "resume with ckpt_path=" in crashed["error"]
+    assert crashed["status"] == "failed" and f"resume with the same overrides and +resume={tmp_path}" in \
+        crashed["error"]
     assert crashed["heartbeat"] > crashed["started_at"]
-    # what SIGKILL would have left: no crash checkpoint, the last heartbeat's record, of a process that is gone
-    killed = written[-2]
+    # what SIGKILL would have left: no crash checkpoint, the last heartbeat's record (before the one of the crash
+    # checkpoint's save), of a process that is gone
+    assert (written[-2]["status"], written[-2]["steps"]) == ("running", 12)
+    killed = written[-3]
     assert (killed["status"], killed["steps"], killed["epochs"]) == ("running", 11, 1)
     (tmp_path / "checkpoints" / "on_exception.ckpt").unlink()
     gone = subprocess.Popen(["true"])
@@ -262,9 +265,41 @@ def test_truncated_checkpoint_is_named_with_the_way_on(compose_cfg, tmp_path):
     assert newest_checkpoint(tmp_path) == best
 
 
+def test_what_a_killed_run_leaves_says_its_headline_and_its_last_checkpoints_step(compose_cfg, tmp_path,
+                                                                                   monkeypatch):
+    """Between heartbeats (30 s by default) a SIGKILL left 'running, step 0' without the task's headline metric,
+    though epoch checkpoints were on disk."""
+    crash_at_step(monkeypatch, 12)
+    written = []
+    write = pipelines.run.write_record
+    monkeypatch.setattr(pipelines.run, "write_record", lambda d, record: (
+        written.append(json.loads(json.dumps(record, default=str))), write(d, record)))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(compose_cfg("norm=b0", "task.epochs=2", "heartbeat_s=3600"))
+    running = [r for r in written if r["status"] == "running"]
+    assert running[1]["monitor"] == "val/acc1" and running[1]["steps"] == 0  # as soon as the task is built
+    assert [r["steps"] for r in running][2:] in ([8, 12], [8, 8, 12])  # epoch 1's checkpoints, the crash's
+
+
+def test_resume_names_a_run_or_a_sweep_with_minus_m(compose_cfg, tmp_path):
+    with pytest.raises(ValueError, match=f"\\+resume={tmp_path}: no run recorded there to go on with; to start a "
+                                         f"run in that dir, give hydra.run.dir={tmp_path} instead"):
+        run(compose_cfg(f"+resume={tmp_path}"))
+    (tmp_path / "multirun.yaml").write_text("{}")
+    with pytest.raises(ValueError, match="is a sweep dir: re-run the sweep with -m and its grid"):
+        run(compose_cfg(f"+resume={tmp_path}"))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_checkpoint_dir_for_ckpt_path_says_what_to_give(compose_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"ckpt_path={tmp_path} is a dir; give a checkpoint file .*"
+                                                "or \\+resume=<run dir>"):
+        run(compose_cfg(f"ckpt_path={tmp_path}", output_dir=tmp_path / "run"))
+
+
 def test_interrupted_sweep_job_says_how_to_resume_the_sweep(tmp_path):
     saved = tmp_path / "0-classification-b0-s0" / "checkpoints" / "on_exception.ckpt"
-    assert f"resume with ckpt_path={saved}" in describe_error(KeyboardInterrupt(), saved)
+    assert f"+resume={saved.parent.parent} (or ckpt_path={saved})" in describe_error(KeyboardInterrupt(), saved)
     in_sweep = describe_error(KeyboardInterrupt(), saved, sweep_dir=tmp_path)
     assert in_sweep.startswith("interrupted") and f"re-running the sweep with +resume={tmp_path}" in in_sweep
     assert "ckpt_path" not in in_sweep

@@ -180,3 +180,9 @@ def test_three_tasks_picture_and_missing_dir(tmp_path, capsys):
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2 and not (tmp_path / "empty" / "transfer.md").exists()
+    assert "no run records (results.json) under" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # over several sweeps, the first one's own report would be replaced
+        main([str(tmp_path), str(tmp_path / "empty")])
+    assert "several dirs: give --out DIR" in capsys.readouterr().err

@@ -234,6 +234,14 @@ def test_a_report_that_cannot_be_written_makes_the_exit_status_nonzero(tmp_path,
            f"{tmp_path / 'sweep'}" in caplog.text and "disk full" in caplog.text
 
 
+def test_resuming_a_dir_without_a_sweep_run_is_refused(tmp_path, caplog):
+    """+resume=<a mistyped or new dir> started a fresh sweep there without a word."""
+    with multirun_config(tmp_path / "nothing", f"+resume={tmp_path / 'nothing'}") as (cfg, _):
+        with pytest.raises(SystemExit) as status:
+            TransferReportCallback().on_multirun_start(cfg)
+    assert status.value.code == 1 and "no sweep run there to go on with" in caplog.text
+
+
 def test_a_grid_point_completed_under_another_job_number_is_refused_before_any_job(tmp_path):
     """A value added in the middle of a grid renumbers the jobs after it: their completed runs are in other dirs."""
     sweep_dir = tmp_path / "sweep"

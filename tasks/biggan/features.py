@@ -81,9 +81,9 @@ class InceptionFeatures(nn.Module):
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise FeatureNetError(
-                f"metrics.inception_weights={weights_path}: no such file. Give the path of the FID Inception "
+                f"task.metrics.inception_weights={weights_path}: no such file. Give the path of the FID Inception "
                 "weights (pt_inception-2015-12-05-6726825d.pth, the file torch-fidelity uses), or leave "
-                "metrics.inception_weights unset for EfficientNet-Lite0 features; nothing is downloaded.")
+                "task.metrics.inception_weights unset for EfficientNet-Lite0 features; nothing is downloaded.")
         from torchmetrics.image.fid import NoTrainInceptionV3
         try:
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],

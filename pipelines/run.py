@@ -95,7 +95,8 @@ def group_keys(cfg: DictConfig) -> dict[str, set[str]]:
             cfg.task.name)}
     if cfg.norm.name in NORM_ACT_LAYERS:
         layer = inspect.signature(NORM_ACT_LAYERS[cfg.norm.name]).parameters
-        known["norm"] = {"norm.name"} | {f"norm.kwargs.{k}" for k in layer if k not in ("num_features", "apply_act")}
+        known["norm"] = {"norm.name", "norm.kwargs"} | {f"norm.kwargs.{k}" for k in layer
+                                                        if k not in ("num_features", "apply_act")}
     return known
 
 
@@ -118,7 +119,8 @@ def check_group_keys(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Refuse, before anything starts, a config the run cannot do what was asked with: a top-level key the project
-    does not know (``+data.root=...`` for ``task.data.root=...``: it would be ignored), nothing to train, or an
+    does not know (``+data.root=...`` for ``task.data.root=...``: it would be ignored), a key under task, norm or
+    trainer that nothing takes (``check_group_keys``), nothing to train, or an
     unknown ``test_ckpt``."""
     unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
     if unknown:

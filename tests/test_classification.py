@@ -81,14 +81,20 @@ def test_unknown_arch():
         build_model("resnet1000", evonorm.norm_act_factory("b0"), 10)
 
 
-def test_random_crop_flip_keeps_pixels():
-    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).view(2, 3, 5, 7)
+def test_random_crop_flip_is_a_shifted_window_of_the_padded_image_flipped_left_right_at_random():
+    x = torch.arange(1, 64 * 3 * 5 * 7 + 1, dtype=torch.float32).view(64, 3, 5, 7)
     out = random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape
-    for img, src in zip(out, x):  # every non-padding value comes from the same image and channel
-        nonzero = img[img != 0]
-        assert torch.isin(nonzero, src).all()
-        assert torch.isin(img[0][img[0] != 0], src[0]).all()
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    shifts, flips = set(), set()
+    for img, src in zip(out, padded):
+        windows = {(dy, dx, flip): src[:, dy:dy + 5, dx:dx + 7].flip(2) if flip else src[:, dy:dy + 5, dx:dx + 7]
+                   for dy in range(5) for dx in range(5) for flip in (False, True)}
+        found = [key for key, window in windows.items() if torch.equal(img, window)]
+        assert found, "not a window of the padded image, flipped left-right or not"
+        shifts.add(found[0][:2])
+        flips.add(found[0][2])
+    assert flips == {False, True} and len(shifts) > 10  # both ways, and many offsets over 64 images
 
 
 def test_fashion_mnist_splits():

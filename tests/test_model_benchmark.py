@@ -39,7 +39,7 @@ def test_model_benchmark_compiled(tmp_path):
     models.main(["--quick", "--layers", "bn_relu", "--compile", "--json", str(out)])
     saved = json.loads(out.read_text())
     (row,) = saved["results"]
-    assert saved["meta"]["compile"] and row["compile_s"] > 1.0 and 0 < row["step_ms"] < 1e3 * row["compile_s"]
+    assert saved["meta"]["compile"] and 0 < 5 * row["step_ms"] < 1e3 * row["compile_s"]
 
 
 def test_compiled_saved_bytes_are_the_compiled_models_in_its_precision(monkeypatch):

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import pipelines.run
 from evonorm import NORM_ACT_NAMES
+import evonorm
 from pipelines.callbacks import FiniteLossCheck
 from pipelines.records import write_record
 from pipelines.run import (TOP_LEVEL_KEYS, RunDirConflict, check_config, describe_error, nan_loss_remedies,
@@ -53,7 +54,13 @@ def test_short_fit_every_norm(norm, compose_cfg, tmp_path):
     assert saved["steps"] == 512 // 64 and saved["epochs"] == 1
     assert 0.0 <= saved["test"]["test/acc1"] <= saved["test"]["test/acc5"] <= 1.0
     assert "val/acc1" in saved["best_val"] and saved["params"] > 0
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # the model trained holds the chosen layer: its state names, and none of another layer's (BN's running_mean, the
+    # EvoNorms' v, FRN's tau, ...)
+    state = {k.rsplit(".", 1)[-1] for k in torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)[
+        "state_dict"]}
+    chosen = set(evonorm.norm_act(norm, 8).state_dict())
+    others = set().union(*(evonorm.norm_act(n, 8).state_dict() for n in evonorm.NORM_ACT_NAMES)) - chosen
+    assert chosen <= state and not others & state
 
 
 def test_training_learns(compose_cfg, tmp_path):

@@ -135,7 +135,7 @@ def test_interpreter_run():
         [sys.executable, "-m", "pytest", *INTERP_FILES, "-q", "-p", "no:cacheprovider",
          "-k", "interp and not test_interpreter_run"],
         cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 

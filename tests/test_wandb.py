@@ -40,6 +40,28 @@ def test_an_online_start_that_fails_goes_offline_with_a_warning(monkeypatch, cap
     assert start_wandb("disabled") == "offline run" and calls == [("disabled", None)]
 
 
+def test_a_run_is_named_grouped_and_tagged(compose_cfg, monkeypatch, tmp_path):
+    import wandb
+
+    from pipelines import loggers
+    started = {}
+
+    def start(mode, **init):
+        started.update(init, mode=mode)
+        return wandb.init(mode="disabled")
+
+    monkeypatch.setattr(loggers, "start_wandb", start)
+    cfg = compose_cfg("logger=wandb", "logger.mode=offline", "logger.group=study", "logger.tags=[extra]", "norm=s0",
+                      "seed=3")
+    try:
+        loggers.build_loggers(cfg, tmp_path, "preact_resnet_cifar")
+    finally:
+        wandb.finish()
+    assert started == {"mode": "offline", "dir": str(tmp_path), "project": "evonorm-transfer", "entity": None,
+                       "name": "classification-s0-s3", "group": "study",
+                       "tags": ["classification", "s0", "preact_resnet_cifar", "extra"]}
+
+
 def test_multirun_writes_one_offline_wandb_run_per_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HOME=str(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -40,10 +41,12 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     return value
 
 
-def check_range(value, what: str, low: float, high: float = math.inf):
-    """``value`` if it is a number in [low, high]; else a ValueError naming ``what`` (an argument) and the range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{what} must be a number in [{low}, {high}], got {value!r}")
+def check_range(value, what: str, low: float, high: float = math.inf, kind: type = numbers.Real):
+    """``value`` if it is a number of ``kind`` in [low, high]; else a ValueError naming ``what`` (an argument) and
+    the range."""
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        raise ValueError(f"{what} must be {'a whole number' if kind is numbers.Integral else 'a number'} in "
+                         f"[{low}, {high}], got {value!r}")
     return value
 
 
@@ -64,7 +67,8 @@ class EvoNormParams(nn.Module):
 
     def __init__(self, num_features: int, apply_act: bool, device=None, dtype=None):
         super().__init__()
-        self.num_features, self.apply_act = check_range(num_features, "num_features", 1), apply_act
+        self.num_features = int(check_range(num_features, "num_features", 1, kind=numbers.Integral))
+        self.apply_act = apply_act
         self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
         if self.has_v and apply_act:

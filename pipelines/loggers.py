@@ -32,12 +32,13 @@ def wandb_mode(configured: str | None) -> str:
 
 def start_wandb(mode: str, **init):
     """``wandb.init(mode=mode, **init)``. Online (credentials found), a start that fails within
-    ``ONLINE_START_TIMEOUT_S`` (no network, a rejected key) is logged and the run goes offline instead: a run never
-    fails or waits long for wandb."""
+    ``ONLINE_START_TIMEOUT_S`` (or ``WANDB_INIT_TIMEOUT``: no network, a rejected key) is logged and the run goes
+    offline instead: a run never fails or waits long for wandb."""
     import wandb
     if mode == "online":
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", ONLINE_START_TIMEOUT_S))  # the user's, where set
         try:
-            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=ONLINE_START_TIMEOUT_S), **init)
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout), **init)
         except Exception as e:
             log.warning("wandb could not start online (%s: %s); logging offline instead (upload later with wandb "
                         "sync <the run's wandb dir>)", type(e).__name__, e)
@@ -65,8 +66,12 @@ def build_loggers(cfg: DictConfig, output_dir: Path, model: str) -> list[Logger]
         run = dict(project=cfg.logger.project, entity=cfg.logger.entity, name=run_name(cfg), group=run_group(cfg),
                    tags=[cfg.task.name, cfg.norm.name, model, *cfg.logger.tags])
         # rank 0 starts the wandb run (the other DDP ranks log nothing)
-        experiment = start_wandb(wandb_mode(cfg.logger.mode), dir=str(output_dir), **run) \
-            if rank_zero_only.rank == 0 else None
+        experiment = None
+        if rank_zero_only.rank == 0:
+            experiment = start_wandb(wandb_mode(cfg.logger.mode), dir=str(output_dir), **run)
+            # the training step as the charts' x-axis, as WandbLogger does for a run it starts itself
+            experiment.define_metric("trainer/global_step")
+            experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)
         logger = WandbLogger(experiment=experiment, save_dir=str(output_dir), **run)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         return [logger]

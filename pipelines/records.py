@@ -22,7 +22,7 @@ RESULTS_FILE = "results.json"
 HEARTBEAT_STALE_FACTOR = 10  # a heartbeat older than this many intervals (and at least 10 minutes) means dead
 HEARTBEAT_STALE_MIN_S = 600
 # how a run shows and feeds its progress, not what it computes: may differ between attempts and records
-SETTINGS_OF_AN_ATTEMPT = ("trainer.enable_progress_bar", "trainer.log_every_n_steps", "task.data.num_workers")
+PROGRESS_SETTINGS = ("trainer.enable_progress_bar", "trainer.log_every_n_steps", "task.data.num_workers")
 SHOWN_DIFFERENCES = 3  # a comparison of two configs names this many differing keys, then counts the rest
 ABSENT = object()  # a config key one side lacks
 
@@ -61,10 +61,10 @@ def show(value) -> str:
 def config_changes(old: dict, new: dict) -> tuple[dict, dict]:
     """``(changed, added)`` from a stored run config to this one, by flat key: ``changed`` maps a key to its old and
     new value (a key dropped from the project counts), ``added`` holds the keys the old record lacks: keys added to
-    the project since (e.g. trainer.num_nodes), which the old run had no way to set. ``SETTINGS_OF_AN_ATTEMPT``
+    the project since (e.g. trainer.num_nodes), which the old run had no way to set. ``PROGRESS_SETTINGS``
     are neither."""
     old_flat, new_flat = (
-        {k: v for k, v in flat_items(config).items() if k.rstrip(".") not in SETTINGS_OF_AN_ATTEMPT}
+        {k: v for k, v in flat_items(config).items() if k.rstrip(".") not in PROGRESS_SETTINGS}
         for config in (old, new))
     changed = {k.rstrip("."): (v, new_flat.get(k, ABSENT)) for k, v in sorted(old_flat.items())
                if new_flat.get(k, ABSENT) != v}

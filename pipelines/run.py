@@ -29,8 +29,8 @@ from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCh
 from pipelines.loggers import build_loggers, finish_wandb
 from pipelines.records import (RESULTS_FILE, config_changes, describe_changes, effective_status, flat_items,
                                process_identity, read_record, write_record)
-from pipelines.sweep import (ddp_launch_state, end_ddp_job, multirun_job_num, multirun_sweep_dir,
-                             relaunch_ddp_as_this_job)
+from pipelines.sweep import (ddp_launch_state, end_ddp_job, multirun_job_num, multirun_job_overrides,
+                             multirun_sweep_dir, relaunch_ddp_as_this_job)
 from pipelines.sync_batchnorm import trainer_arguments
 from tasks import TASKS, build_task, extra_config_keys
 
@@ -43,6 +43,8 @@ CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "hea
 # are packaged _global_ and add none
 TOP_LEVEL_KEYS = ("seed", "ckpt_path", "test_ckpt", "compile", "output_dir", "heartbeat_s", "report", "task", "norm",
                   "trainer", "logger", "resume")
+# Trainer arguments that run() passes itself
+PIPELINE_TRAINER_ARGUMENTS = ("trainer.callbacks", "trainer.logger", "trainer.default_root_dir")
 # what sets a run's length (trainer.max_epochs is ${task.epochs} unless set itself); each must be >= 1
 TRAINING_LENGTH_KEYS = ("task.epochs", "task.steps", "task.data.steps_per_epoch", "trainer.max_epochs")
 
@@ -95,9 +97,14 @@ def group_keys(cfg: DictConfig) -> dict[str, set[str]]:
             cfg.task.name)}
     if cfg.norm.name in NORM_ACT_LAYERS:
         layer = inspect.signature(NORM_ACT_LAYERS[cfg.norm.name]).parameters
-        known["norm"] = {"norm.name", "norm.kwargs"} | {f"norm.kwargs.{k}" for k in layer
-                                                        if k not in ("num_features", "apply_act")}
+        known["norm"] = {"norm.name"} | {f"norm.kwargs.{k}" for k in layer if k not in ("num_features", "apply_act")}
     return known
+
+
+def is_known(key: str, known: set[str]) -> bool:
+    """A known leaf, a node above known leaves (``{}`` or null, e.g. task.data.generate=null), or inside a known leaf
+    that holds a dict."""
+    return key in known or any(k.startswith(key + ".") or key.startswith(k + ".") for k in known)
 
 
 def check_group_keys(cfg: DictConfig) -> None:
@@ -108,8 +115,10 @@ def check_group_keys(cfg: DictConfig) -> None:
         given = {f"{group}.{k.rstrip('.')}": v for k, v in
                  flat_items(OmegaConf.to_container(cfg[group])).items()}
         for key, value in given.items():
-            if key not in known and not any(key.startswith(k + ".") for k in known):  # a dict value of a known key
-                matches = difflib.get_close_matches(key, sorted(known), n=1)
+            if key in PIPELINE_TRAINER_ARGUMENTS:
+                hints.append(f"{key}: the pipeline sets it (logger=..., output_dir=...).")
+            elif not is_known(key, known):
+                matches = likely_keys(key, sorted(known))[:1]
                 hints.append(f"{key}: did you mean {matches[0]}={value}?" if matches else f"{key}: no such setting.")
     if hints:
         raise ValueError(f"unknown config key(s), which the run would ignore or fail on: {' '.join(hints)} (task "
@@ -239,6 +248,22 @@ def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> None:
             f"from the newest checkpoint left) or pass {instead}") from e
 
 
+def check_checkpoint_fits(ckpt_path: Path, module: pl.LightningModule) -> None:
+    """Refuse to resume training from a checkpoint of a model that had a parameter this one lacks: the ``v`` of an
+    EvoNorm without activation, which the layers held until commit 31f16b9 (it never entered the output). The
+    weights load without it, but the optimizer state holds one entry more per such layer, which Lightning rejects
+    with a bare parameter-group error."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    stale = [k for k in checkpoint.get("state_dict", {}) if k.endswith(".v") and k not in module.state_dict()]
+    if stale and checkpoint.get("optimizer_states"):
+        owner = read_record(ckpt_path.parent.parent) or {}
+        raise ValueError(
+            f"checkpoint {ckpt_path} holds the unused v of {len(stale)} EvoNorm layer(s) without activation (e.g. "
+            f"{stale[0]}), which this code no longer has: its optimizer state does not fit. Finish that run with the "
+            f"code it began with (commit {owner.get('git_commit') or 'in its results.json'}), or train it again; its "
+            "weights alone still load (test_ckpt, task.model.backbone_ckpt)")
+
+
 def previous_attempt(output_dir: Path, config: dict, ckpt_path=None) -> tuple[dict | None, dict]:
     """The record an earlier attempt left in ``output_dir`` (None: none) and the config keys new since it, after
     checking that it is this run and not alive. Checkpoints without a readable record are refused unless
@@ -308,7 +333,7 @@ def run(cfg: DictConfig) -> dict:
         "wall_time_s": None, "params": None, "compile": None, "compiled_modules": [], "git_commit": git_commit(),
         "output_dir": str(output_dir), "resumed_from": str(ckpt_path) if ckpt_path else None, "error": None,
         **process_identity(), "started_at": started, "heartbeat": started, "heartbeat_interval_s": cfg.heartbeat_s,
-        "sweep_job": multirun_job_num(),
+        "sweep_job": multirun_job_num(), "overrides": multirun_job_overrides(),
         "previous_attempts": [*previous.get("previous_attempts", []), attempt_summary(previous)] if previous else [],
         "config": config,
     }
@@ -332,6 +357,8 @@ def run(cfg: DictConfig) -> dict:
         record.update(model=parts.model, dataset=parts.dataset, monitor=parts.monitor, mode=parts.mode,
                       params=sum(p.numel() for p in parts.module.parameters()))
         write_record(output_dir, record)  # the task's headline metric, for the report of a run killed from here on
+        if ckpt_path:
+            check_checkpoint_fits(Path(ckpt_path), parts.module)
         loggers = build_loggers(cfg, output_dir, parts.model)
         best, checkpoint, crash, callbacks = build_callbacks(cfg, output_dir, parts, bool(loggers), beat)
         relaunch_ddp_as_this_job(output_dir)

@@ -36,6 +36,11 @@ def multirun_sweep_dir() -> Path | None:
     return Path(HydraConfig.get().sweep.dir)
 
 
+def multirun_job_overrides() -> list[str] | None:
+    """This job's overrides (its grid point) when it is a job of a Hydra multirun, else None."""
+    return list(HydraConfig.get().overrides.task) if multirun_sweep_dir() is not None else None
+
+
 def multirun_job_num() -> int | None:
     """This job's number in its multirun (the grid order), else None."""
     return HydraConfig.get().job.num if multirun_sweep_dir() is not None else None
@@ -142,7 +147,7 @@ class TransferReportCallback(Callback):
         from pipelines.run import RunDirConflict, check_config, previous_attempt, run_config  # the training stack
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        if config.get("resume") and not any(sweep_dir.glob(f"*/{RESULTS_FILE}")):
+        if config.get("resume") and not any(sweep_dir.rglob(RESULTS_FILE)):
             log.error("+resume=%s: no sweep run there to go on with (no <job dir>/%s); to start a sweep in that dir, "
                       "give hydra.sweep.dir=%s instead; no job started", config.resume, RESULTS_FILE, config.resume)
             sys.exit(1)
@@ -160,7 +165,7 @@ class TransferReportCallback(Callback):
                 job_config = run_config(job_cfg)
                 previous, _ = previous_attempt(output_dir, job_config, job_cfg.ckpt_path)
                 done_elsewhere = previous is None and next(
-                    (d for d, r in completed if not config_changes(r["config"], job_config)[0]), None)
+                    (d for d, r in completed if same_grid_point(r, overrides, job_config)), None)
                 if done_elsewhere:
                     refusals.append(f"{' '.join(overrides)}: completed already in {done_elsewhere}, another job "
                                     "number: this command numbers its grid otherwise than the one that made the "
@@ -203,6 +208,19 @@ class TransferReportCallback(Callback):
 
 
 def completed_records(sweep_dir: Path) -> list[tuple[Path, dict]]:
-    """The completed runs in the job dirs of ``sweep_dir`` that recorded their config."""
-    records = ((d, read_record(d)) for d in sorted(sweep_dir.glob("*/")) if (d / RESULTS_FILE).is_file())
+    """The completed runs under ``sweep_dir`` that recorded their config."""
+    records = ((path.parent, read_record(path.parent)) for path in sorted(sweep_dir.rglob(RESULTS_FILE)))
     return [(d, r) for d, r in records if r and r.get("config") is not None and effective_status(r) == "completed"]
+
+
+def job_overrides(overrides) -> list[str]:
+    """A job's overrides, in order and without ``+resume=`` (which a re-run adds): what makes it its grid point."""
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
+
+
+def same_grid_point(record: dict, overrides, config: dict) -> bool:
+    """Whether ``record`` ran the grid point of these overrides: the same overrides where it recorded them (keys
+    that leave the config as it is, e.g. compile=true / false, tell grid points apart), else the same config."""
+    if record.get("overrides") is not None:
+        return job_overrides(record["overrides"]) == job_overrides(overrides)
+    return not config_changes(record["config"], config)[0]

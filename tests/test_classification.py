@@ -1,6 +1,7 @@
 """Classification models and data: the factory is used at every norm position; data errors are clear."""
 import gzip
 import logging
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -196,6 +197,11 @@ def test_imagefolder_splits_use_train_classes_hold_out_validation_and_span_class
     assert data.splits["train"].dataset.dataset.transform is data.splits["val"].dataset.transform  # augment=false
     write_image_folder(tmp_path, {"val": {"z": 1}})
     with pytest.raises(DatasetError, match=r"val has class folders that train/ lacks \(z\)"):
+        ClassificationData(name="imagefolder", root=str(tmp_path), val_size=3).setup()
+    shutil.rmtree(tmp_path / "val")
+    (tmp_path / "val").mkdir()  # images side by side, as ILSVRC's val archive unpacks: an empty test set
+    (tmp_path / "train" / "a" / "0.png").rename(tmp_path / "val" / "0.png")
+    with pytest.raises(DatasetError, match=r"val holds no images in class folders \(a, b, c\); put each image"):
         ClassificationData(name="imagefolder", root=str(tmp_path), val_size=3).setup()
 
 

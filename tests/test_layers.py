@@ -4,6 +4,7 @@ mixed precision, input checks, factory options and weight-decay groups."""
 import inspect
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -400,8 +401,11 @@ def test_bad_layer_options_are_refused_when_built(kwargs, says):
     if "eps" in kwargs:
         with pytest.raises(ValueError, match=says):
             norm_act("s0", 8, **kwargs)
-    with pytest.raises(ValueError, match=r"num_features must be a number in \[1, inf\], got 0"):
+    with pytest.raises(ValueError, match=r"num_features must be a whole number in \[1, inf\], got 0"):
         norm_act("s1", 0)
+    with pytest.raises(ValueError, match=r"num_features must be a whole number .* got 8.0"):
+        norm_act("b0", 8.0)
+    assert norm_act("b0", np.int64(8)).num_features == 8  # a width from numpy arithmetic
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5), (2, 8, 5, 7, 3)], ids=["3d", "5d"])

@@ -168,8 +168,9 @@ def test_checkpoints_beside_an_unreadable_record_are_not_trained_over(compose_cf
     (["+task.data.rooot=/x"], "task.data.root", "task.data.rooot: did you mean task.data.root=/x?"),
     (["+norm.kwargs.epss=0.001"], "norm.kwargs.eps", "norm.kwargs.epss: did you mean norm.kwargs.eps=0.001?"),
     (["+trainer.max_step=3"], "trainer.max_epochs", "trainer.max_step: did you mean trainer.max_steps=3?"),
+    (["+trainer.logger=false"], "logger", "trainer.logger: the pipeline sets it"),
 ], ids=["+data.root", "+sed", "epochs=0", "biggan-epochs=-1", "maskrcnn-steps=-5", "max_epochs=0", "test_ckpt",
-        "+fpn_chanels", "+grid_column", "+rooot", "+epss", "+max_step"])
+        "+fpn_chanels", "+grid_column", "+rooot", "+epss", "+max_step", "+trainer.logger"])
 def test_config_mistakes_are_refused_before_anything_starts(overrides, key, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
         run(compose_task(*overrides, f"output_dir={tmp_path}"))
@@ -178,8 +179,10 @@ def test_config_mistakes_are_refused_before_anything_starts(overrides, key, mess
 
 
 def test_arguments_a_task_passes_through_and_lightnings_trainer_takes_are_known(tmp_path):
-    for overrides in (["task=maskrcnn", "+task.model.rpn_nms_thresh=0.6"], ["+trainer.limit_train_batches=0.5"],
-                      ["experiment=maskrcnn_r50_fpn_coco"], ["experiment=biggan128_imagenet"]):
+    for overrides in (["task=maskrcnn", "+task.model.rpn_nms_thresh=0.6", "+task.model.image_mean=[0.5,0.5,0.5]"],
+                      ["+trainer.limit_train_batches=0.5"], ["experiment=maskrcnn_r50_fpn_coco"],
+                      ["experiment=biggan128_imagenet"], ["norm=frn_tlu", "norm.kwargs={}"],
+                      ["task=maskrcnn", "task.data.generate=null"]):
         check_config(compose_task(*overrides, f"output_dir={tmp_path}"))
 
 
@@ -296,6 +299,19 @@ def test_resume_names_a_run_or_a_sweep_with_minus_m(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match="is a sweep dir: re-run the sweep with -m and its grid"):
         run(compose_cfg(f"+resume={tmp_path}"))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_checkpoint_with_the_unused_v_of_older_layers_is_refused_for_training_only(tmp_path):
+    from pipelines.run import check_checkpoint_fits
+    module = torch.nn.Sequential(evonorm.norm_act("b0", 4, apply_act=False))
+    older = {**module.state_dict(), "0.v": torch.ones(4)}  # what such a layer held before commit 31f16b9
+    torch.save({"state_dict": older, "optimizer_states": [{"state": {}, "param_groups": []}]}, tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match=r"holds the unused v of 1 EvoNorm layer\(s\) without activation \(e.g. "
+                                         r"0.v\), which this code no longer has: its optimizer state does not fit"):
+        check_checkpoint_fits(tmp_path / "a.ckpt", module)
+    torch.save({"state_dict": older}, tmp_path / "weights.ckpt")  # weights only: they load
+    check_checkpoint_fits(tmp_path / "weights.ckpt", module)
+    module.load_state_dict(older)
 
 
 def test_a_checkpoint_dir_for_ckpt_path_says_what_to_give(compose_cfg, tmp_path):

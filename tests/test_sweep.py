@@ -165,10 +165,10 @@ def multirun_config(sweep_dir, *overrides, params=None):
             HydraConfig.instance().cfg = None  # later tests run outside any Hydra job
 
 
-def write_completed(job_dir, config, status="completed"):
+def write_completed(job_dir, config, status="completed", overrides=None):
     job_dir.mkdir(parents=True, exist_ok=True)
     write_record(job_dir, {"status": status, "task": config["task"]["name"], "norm": {"name": config["norm"]["name"]},
-                           "seed": config["seed"], "config": config, "test": {}})
+                           "seed": config["seed"], "config": config, "test": {}, "overrides": overrides})
 
 
 def test_a_job_refused_at_its_start_counts_in_the_exit_status(tmp_path):
@@ -250,6 +250,20 @@ def test_a_grid_point_completed_under_another_job_number_is_refused_before_any_j
         with pytest.raises(SystemExit) as status:
             TransferReportCallback().on_multirun_start(cfg)
     assert status.value.code == 1 and not s0_dir.exists()
+
+
+def test_grid_points_alike_in_config_but_not_in_overrides_are_told_apart(tmp_path):
+    """compile=true,false leaves the run config as it is: only the recorded overrides tell the two grid points apart
+    (a re-run with the second job's dir missing was refused as 'completed already' in the first's)."""
+    sweep_dir = tmp_path / "sweep"
+    params = {"compile": "true,false"}
+    with multirun_config(sweep_dir, params=params) as (cfg, [(first_dir, config), (second_dir, _)]):
+        first_overrides = next(grid_jobs(cfg))[0]
+        write_completed(first_dir, config, overrides=first_overrides)
+        TransferReportCallback().on_multirun_start(cfg)  # not refused: job 1 has not run
+    with multirun_config(sweep_dir, "+resume=" + str(sweep_dir), params={"compile": "false,true"}) as (cfg, _):
+        with pytest.raises(SystemExit):  # the same grid points in another order: job 1 ran under job 0's number
+            TransferReportCallback().on_multirun_start(cfg)
 
 
 def test_submitit_local_launcher_runs_one_process_per_job(tmp_path):

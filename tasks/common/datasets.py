@@ -149,7 +149,10 @@ class ClassFolder(ImageFolder):
 
     def __init__(self, folder: Path, classes: list[str], transform=None):
         self.train_classes = classes
-        super().__init__(str(folder), transform, allow_empty=True)
+        super().__init__(str(folder), transform, allow_empty=folder.name != "train")  # val/ may lack a class
+        if not self.samples:
+            raise DatasetError(f"{folder} holds no images in class folders ({first_of(classes)}); put "
+                               "each image in the folder of its class, as in train/")
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         unknown = sorted({e.name for e in os.scandir(directory) if e.is_dir()} - set(self.train_classes))

@@ -66,8 +66,8 @@ def bad_fields(entry, needs: tuple[str, ...]) -> list[str]:
     """The fields of ``needs`` that ``entry`` lacks or holds a wrong type in (ids become dict keys)."""
     if not isinstance(entry, dict):
         return ["not an object"]
-    is_text = lambda v: isinstance(v, str)  # noqa: E731
-    valid = {"height": is_size, "width": is_size, "file_name": is_text, "name": is_text}
+    valid = {"height": is_size, "width": is_size, "file_name": lambda v: isinstance(v, str),
+             "name": lambda v: isinstance(v, (str, int)) and not isinstance(v, bool)}  # a label, drawn as text
     return [k for k in needs if k not in entry or not valid.get(k, is_id)(entry[k])]
 
 

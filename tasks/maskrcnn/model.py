@@ -31,9 +31,10 @@ from tasks.common.backbones import NormAct, init_weights, preact_resnet
 
 log = logging.getLogger(__name__)
 NORM_POSITIONS = ("backbone", "fpn", "heads")
-# torchvision MaskRCNN arguments that task.model passes through (RPN / RoI sampling and post-processing); the
-# others are our parts
-DETECTOR_KWARGS = tuple(p for p in inspect.signature(MaskRCNN).parameters if p.startswith(("rpn_", "box_", "bbox_"))
+# torchvision MaskRCNN arguments that task.model passes through (input normalization, RPN / RoI sampling and
+# post-processing); the others are our parts
+DETECTOR_KWARGS = tuple(p for p in inspect.signature(MaskRCNN).parameters
+                        if p.startswith(("image_", "rpn_", "box_", "bbox_"))
                         and p not in ("rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor"))
 STANDARD_BACKBONE_NORM = "gn_relu"
 BATCH_STATS = (evonorm.EvoNormB0, evonorm.EvoNormB1, evonorm.EvoNormB2, nn.modules.batchnorm._BatchNorm)

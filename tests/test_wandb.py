@@ -48,7 +48,9 @@ def test_a_run_is_named_grouped_and_tagged(compose_cfg, monkeypatch, tmp_path):
 
     def start(mode, **init):
         started.update(init, mode=mode)
-        return wandb.init(mode="disabled")
+        run = wandb.init(mode="disabled")
+        run.define_metric = lambda *args, **kwargs: started.setdefault("metrics", []).append((args, kwargs))
+        return run
 
     monkeypatch.setattr(loggers, "start_wandb", start)
     cfg = compose_cfg("logger=wandb", "logger.mode=offline", "logger.group=study", "logger.tags=[extra]", "norm=s0",
@@ -57,6 +59,8 @@ def test_a_run_is_named_grouped_and_tagged(compose_cfg, monkeypatch, tmp_path):
         loggers.build_loggers(cfg, tmp_path, "preact_resnet_cifar")
     finally:
         wandb.finish()
+    assert started.pop("metrics") == [(("trainer/global_step",), {}),  # the charts' x-axis: the training step
+                                      (("*",), {"step_metric": "trainer/global_step", "step_sync": True})]
     assert started == {"mode": "offline", "dir": str(tmp_path), "project": "evonorm-transfer", "entity": None,
                        "name": "classification-s0-s3", "group": "study",
                        "tags": ["classification", "s0", "preact_resnet_cifar", "extra"]}

@@ -254,7 +254,8 @@ def check_checkpoint_fits(ckpt_path: Path, module: pl.LightningModule) -> None:
     weights load without it, but the optimizer state holds one entry more per such layer, which Lightning rejects
     with a bare parameter-group error."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    stale = [k for k in checkpoint.get("state_dict", {}) if k.endswith(".v") and k not in module.state_dict()]
+    own = module.state_dict()
+    stale = [k for k in checkpoint.get("state_dict", {}) if k.endswith(".v") and k not in own]
     if stale and checkpoint.get("optimizer_states"):
         owner = read_record(ckpt_path.parent.parent) or {}
         raise ValueError(

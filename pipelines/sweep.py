@@ -214,7 +214,7 @@ def completed_records(sweep_dir: Path) -> list[tuple[Path, dict]]:
 
 
 def job_overrides(overrides) -> list[str]:
-    """A job's overrides, in order and without ``+resume=`` (which a re-run adds): what makes it its grid point."""
+    """A job's overrides, sorted and without ``+resume=`` (which a re-run adds): what makes it its grid point."""
     return sorted(o for o in overrides if not o.lstrip("+~").startswith("resume="))
 
 

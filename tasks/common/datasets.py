@@ -147,9 +147,10 @@ class ClassFolder(ImageFolder):
     """An image-folder split labelled with train/'s classes: torchvision numbers each split's own class folders, so
     a val/ without one of train/'s classes would shift the labels after it. A class train/ lacks is an error."""
 
-    def __init__(self, folder: Path, classes: list[str], transform=None):
+    def __init__(self, folder: Path, classes: list[str], transform=None, every_class: bool = False):
+        """``every_class``: each class folder must hold an image (train/'s do; a val/ may lack a class)."""
         self.train_classes = classes
-        super().__init__(str(folder), transform, allow_empty=folder.name != "train")  # val/ may lack a class
+        super().__init__(str(folder), transform, allow_empty=not every_class)
         if not self.samples:
             raise DatasetError(f"{folder} holds no images in class folders ({first_of(classes)}); put "
                                "each image in the folder of its class, as in train/")
@@ -169,7 +170,7 @@ def image_folder_splits(root: str | None, train_transform, eval_transform, val_s
     best checkpoint, and test/ (else val/) for the test. Each in an order fixed by ``split_seed``: files are listed
     class by class, and the first N images of a split should span its classes."""
     dirs, classes = image_folder_dirs(root), image_folder_classes(root)
-    train = ClassFolder(dirs["train"], classes, train_transform)
+    train = ClassFolder(dirs["train"], classes, train_transform, every_class=True)
     if val_size >= len(train):
         raise DatasetError(f"{dirs['train']} holds {len(train)} images, not more than task.data.val_size={val_size} "
                            "(held out for validation); lower task.data.val_size")

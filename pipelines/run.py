@@ -14,6 +14,7 @@ import logging
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -79,7 +80,7 @@ def resolve_compile(cfg: DictConfig) -> bool:
     raise ValueError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
 
 
-def likely_keys(unknown: str, known: dict) -> list[str]:
+def likely_keys(unknown: str, known: Iterable[str]) -> list[str]:
     """Known keys that end like the unknown one (data.root -> task.data.root), else the closest spellings."""
     ends_alike = [k for k in known if k.endswith("." + unknown)]
     return ends_alike or difflib.get_close_matches(unknown, known, n=2)
@@ -219,7 +220,7 @@ def newest_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> None:
+def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> dict:
     """Refuse a checkpoint that another task or layer wrote (says the record of its run) or that cannot be read
     (truncated by a run killed while saving it), saying what to pass instead, before Lightning loads it: its own
     errors list hundreds of state_dict keys, or give an OSError without the file's name."""
@@ -238,7 +239,7 @@ def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> None:
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
     try:
-        torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mapped, not read: cheap
+        return torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mapped, not read: cheap
     except Exception as e:
         others = sorted((p for p in ckpt_path.parent.glob("*.ckpt") if p != ckpt_path), key=lambda p: p.stat().st_mtime)
         instead = f"ckpt_path={others[-1]}" if others else "ckpt_path=<another checkpoint>, or use a new output dir"
@@ -248,12 +249,11 @@ def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> None:
             f"from the newest checkpoint left) or pass {instead}") from e
 
 
-def check_checkpoint_fits(ckpt_path: Path, module: pl.LightningModule) -> None:
+def check_checkpoint_fits(checkpoint: dict, ckpt_path: Path, module: pl.LightningModule) -> None:
     """Refuse to resume training from a checkpoint of a model that had a parameter this one lacks: the ``v`` of an
     EvoNorm without activation, which the layers held until commit 31f16b9 (it never entered the output). The
     weights load without it, but the optimizer state holds one entry more per such layer, which Lightning rejects
     with a bare parameter-group error."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     own = module.state_dict()
     stale = [k for k in checkpoint.get("state_dict", {}) if k.endswith(".v") and k not in own]
     if stale and checkpoint.get("optimizer_states"):
@@ -292,12 +292,12 @@ def previous_attempt(output_dir: Path, config: dict, ckpt_path=None) -> tuple[di
     return previous, added
 
 
-def check_resume_dir(resume: str, output_dir: Path) -> None:
+def check_resume_dir(resume: str, found_run: bool) -> None:
     """A single run's ``+resume=<dir>`` must name a run: not a sweep dir (that needs -m and its grid), nor a dir
     with no run recorded in it (Hydra has made it by now), where a fresh run would start silently."""
     if (Path(resume) / "multirun.yaml").is_file():
         raise ValueError(f"+resume={resume} is a sweep dir: re-run the sweep with -m and its grid")
-    if read_record(output_dir) is None and newest_checkpoint(output_dir) is None:
+    if not found_run:
         raise ValueError(f"+resume={resume}: no run recorded there to go on with; to start a run in that dir, give "
                          f"hydra.run.dir={resume} instead")
 
@@ -314,9 +314,9 @@ def run(cfg: DictConfig) -> dict:
     config = run_config(cfg)
     ckpt_path, previous = cfg.ckpt_path, None
     if rank_zero_only.rank == 0:
-        if cfg.get("resume") and multirun_sweep_dir() is None:
-            check_resume_dir(cfg.resume, output_dir)
         previous, added = previous_attempt(output_dir, config, ckpt_path)
+        if cfg.get("resume") and multirun_sweep_dir() is None:  # no record and no ckpt_path: nothing to go on with
+            check_resume_dir(cfg.resume, found_run=previous is not None or bool(ckpt_path))
         if added:
             log.info("%s: its record predates these config keys, taken at their current values: %s", output_dir,
                      ", ".join(f"{k}={v}" for k, v in added.items()))
@@ -346,8 +346,7 @@ def run(cfg: DictConfig) -> dict:
     write_record(output_dir, record)
     trainer, crash, exit_code, launch_state = None, None, 1, ddp_launch_state()
     try:
-        if ckpt_path:
-            check_checkpoint(Path(ckpt_path), cfg)
+        checkpoint = check_checkpoint(Path(ckpt_path), cfg) if ckpt_path else None
         pl.seed_everything(cfg.seed, workers=True)
         norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
         parts = build_task(cfg.task.name, cfg.task, norm_act)
@@ -358,8 +357,9 @@ def run(cfg: DictConfig) -> dict:
         record.update(model=parts.model, dataset=parts.dataset, monitor=parts.monitor, mode=parts.mode,
                       params=sum(p.numel() for p in parts.module.parameters()))
         write_record(output_dir, record)  # the task's headline metric, for the report of a run killed from here on
-        if ckpt_path:
-            check_checkpoint_fits(Path(ckpt_path), parts.module)
+        if checkpoint is not None:
+            check_checkpoint_fits(checkpoint, Path(ckpt_path), parts.module)
+            del checkpoint  # Lightning loads it again, as it restores the training state
         loggers = build_loggers(cfg, output_dir, parts.model)
         best, checkpoint, crash, callbacks = build_callbacks(cfg, output_dir, parts, bool(loggers), beat)
         relaunch_ddp_as_this_job(output_dir)

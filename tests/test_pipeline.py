@@ -308,9 +308,9 @@ def test_a_checkpoint_with_the_unused_v_of_older_layers_is_refused_for_training_
     torch.save({"state_dict": older, "optimizer_states": [{"state": {}, "param_groups": []}]}, tmp_path / "a.ckpt")
     with pytest.raises(ValueError, match=r"holds the unused v of 1 EvoNorm layer\(s\) without activation \(e.g. "
                                          r"0.v\), which this code no longer has: its optimizer state does not fit"):
-        check_checkpoint_fits(tmp_path / "a.ckpt", module)
+        check_checkpoint_fits(torch.load(tmp_path / "a.ckpt", weights_only=False), tmp_path / "a.ckpt", module)
     torch.save({"state_dict": older}, tmp_path / "weights.ckpt")  # weights only: they load
-    check_checkpoint_fits(tmp_path / "weights.ckpt", module)
+    check_checkpoint_fits(torch.load(tmp_path / "weights.ckpt", weights_only=False), tmp_path / "weights.ckpt", module)
     module.load_state_dict(older)
 
 

@@ -14,7 +14,7 @@ from tasks.classification.data import ClassificationData, random_crop_flip
 from tasks.common.datasets import DatasetError, read_idx
 from tasks.classification.models import build_model
 
-ARCHS = ["preact_resnet18", "preact_resnet50", "preact_resnet_cifar", "mobilenet_v2"]
+ARCHS = ["preact_resnet18", "preact_resnet50", "preact_resnet_cifar", "mobilenet_v2", "efficientnet"]
 
 
 class CountingFactory:
@@ -41,7 +41,7 @@ def test_every_norm_comes_from_the_factory(arch):
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("arch", ["preact_resnet50", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["preact_resnet50", "mobilenet_v2", "efficientnet"])
 def test_baseline_has_identical_architecture(arch):
     def conv_shapes(norm):
         model = build_model(arch, evonorm.norm_act_factory(norm), 10)
@@ -75,6 +75,33 @@ def test_mobilenet_v2_widths_are_the_references(width_mult):
     ours = build_model("mobilenet_v2", evonorm.norm_act_factory("bn_relu"), 1000, width_mult=width_mult)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in mobilenet_v2(
         width_mult=width_mult).parameters())
+
+
+def test_efficientnet_is_b0s_layout_with_squeeze_excite_and_depthwise_convs():
+    import timm
+    ours = build_model("efficientnet", evonorm.norm_act_factory("bn_relu"), 1000)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in timm.create_model(
+        "efficientnet_b0").parameters())
+    blocks = [m for m in ours.modules() if type(m).__name__ == "MBConv"]
+    assert len(blocks) == 16 and all(any(type(m).__name__ == "SqueezeExcite" for m in b.modules()) for b in blocks)
+    depthwise = [m for m in ours.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert sorted({m.kernel_size[0] for m in depthwise}) == [3, 5] and len(depthwise) == 16
+    factory = CountingFactory("s0")
+    build_model("efficientnet", factory, 10)
+    assert factory.calls.count(False) == 16  # one linear bottleneck (no activation) per block
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet"])
+def test_small_mobile_nets_keep_maps_larger_than_1x1(arch):
+    """depth_mult and output_stride make the narrow, shallow anchors of the layer search for 14 px images."""
+    full = build_model(arch, evonorm.norm_act_factory("bn_relu"), 10, 1)
+    small = build_model(arch, evonorm.norm_act_factory("bn_relu"), 10, 1, width_mult=0.25, depth_mult=0.2,
+                        output_stride=4)
+    x = torch.randn(2, 1, 14, 14)
+    assert full.features(x).shape[-1] == 1 and small.features(x).shape[-1] == 4
+    blocks = lambda m: sum(type(b).__name__ in ("InvertedResidual", "MBConv") for b in m.modules())  # noqa: E731
+    assert blocks(full) in (16, 17) and blocks(small) == 7
+    assert small(x).shape == (2, 10)
 
 
 def test_unknown_arch():

@@ -2,11 +2,12 @@
 
 ``norm_act(num_features, apply_act=True)`` is the only way a model gets a normalization layer, so the BN-ReLU
 baseline and every EvoNorm share the identical architecture. The pre-activation ResNets live in
-``tasks.common.backbones`` (detection uses them too); MobileNetV2 is classification's own.
+``tasks.common.backbones`` (detection uses them too); MobileNetV2 and EfficientNet are classification's own.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 from timm.layers import make_divisible
 from torch import nn
@@ -30,21 +31,43 @@ class InvertedResidual(nn.Module):
         return x + self.body(x) if self.residual else self.body(x)
 
 
+def capped_strides(strides: list[int], output_stride: int) -> list[int]:
+    """The strides in network order with every stride-2 step that would take the total stride beyond
+    ``output_stride`` made 1 (no dilation): small inputs keep maps larger than 1x1 in the later stages."""
+    total, capped = 1, []
+    for stride in strides:
+        capped.append(stride if total * stride <= output_stride else 1)
+        total *= capped[-1]
+    return capped
+
+
+def mobile_blocks(settings: list[tuple], depth_mult: float, output_stride: int) -> tuple[int, list[tuple]]:
+    """The stem's stride and, per block of a MobileNet-style network, its stage's setting (expansion, channels,
+    blocks, stride, ...) and its own stride: ceil(blocks * ``depth_mult``) blocks per stage, the stage's stride in
+    its first, the total stride capped at ``output_stride``."""
+    blocks = [(setting, setting[3] if i == 0 else 1) for setting in settings
+              for i in range(math.ceil(setting[2] * depth_mult))]
+    stem_stride, *strides = capped_strides([2] + [stride for _, stride in blocks], output_stride)
+    return stem_stride, [(setting, stride) for (setting, _), stride in zip(blocks, strides)]
+
+
 class MobileNetV2(nn.Module):
     # (expansion, channels, blocks, stride) from Sandler et al. 2018
     SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1)]
 
     def __init__(self, norm_act: NormAct, num_classes: int, in_chans: int = 3, width_mult: float = 1.0,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, depth_mult: float = 1.0, output_stride: int = 32):
+        """``depth_mult``: ceil(blocks * depth_mult) blocks per stage; ``output_stride``: the total stride (the
+        reference's: 17 blocks, 32)."""
         super().__init__()
         scale = lambda c: make_divisible(c * width_mult, 8)  # noqa: E731 - as the reference: multiples of 8
         cin = scale(32)
-        layers = [nn.Conv2d(in_chans, cin, 3, 2, 1, bias=False), norm_act(cin)]
-        for expand, channels, blocks, stride in self.SETTINGS:
-            for i in range(blocks):
-                layers.append(InvertedResidual(cin, scale(channels), stride if i == 0 else 1, expand, norm_act))
-                cin = scale(channels)
+        stem_stride, blocks = mobile_blocks(self.SETTINGS, depth_mult, output_stride)
+        layers = [nn.Conv2d(in_chans, cin, 3, stem_stride, 1, bias=False), norm_act(cin)]
+        for (expand, channels, _, _), stride in blocks:
+            layers.append(InvertedResidual(cin, scale(channels), stride, expand, norm_act))
+            cin = scale(channels)
         last = max(1280, scale(1280))
         layers += [conv1x1(cin, last), norm_act(last)]
         self.features = nn.Sequential(*layers)
@@ -59,13 +82,74 @@ class MobileNetV2(nn.Module):
         return self.head(self.features(x))
 
 
+class SqueezeExcite(nn.Module):
+    """Channel gate from the pooled input: reduce, SiLU, expand, sigmoid (not a norm position: no norm-act)."""
+
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(channels, reduced, 1), nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        return x * self.expand(nn.functional.silu(self.reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: [1x1 expand, norm-act], depthwise kxk, norm-act, squeeze-excite (a quarter of the
+    block's input channels), 1x1 project, norm-act without activation (linear bottleneck); identity shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, kernel: int, norm_act: NormAct):
+        super().__init__()
+        hidden = cin * expand
+        layers = [] if expand == 1 else [conv1x1(cin, hidden), norm_act(hidden)]
+        layers += [nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False),
+                   norm_act(hidden), SqueezeExcite(hidden, max(1, round(cin * 0.25))),
+                   conv1x1(hidden, cout), norm_act(cout, apply_act=False)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet-B0's layout (Tan & Le 2019) with ``width_mult``, ``depth_mult`` and ``output_stride`` (B0: 1.0,
+    1.0 and 32; 5.29M parameters as timm's efficientnet_b0); the norm-act factory at every BN-SiLU (and, without
+    activation, after each projection)."""
+    # (expansion, channels, blocks, stride, kernel)
+    SETTINGS = [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3), (6, 112, 3, 1, 5),
+                (6, 192, 4, 2, 5), (6, 320, 1, 1, 3)]
+
+    def __init__(self, norm_act: NormAct, num_classes: int, in_chans: int = 3, width_mult: float = 1.0,
+                 depth_mult: float = 1.0, dropout: float = 0.2, output_stride: int = 32):
+        super().__init__()
+        scale = lambda c: make_divisible(c * width_mult, 8)  # noqa: E731 - as timm's round_channels
+        cin = scale(32)
+        stem_stride, blocks = mobile_blocks(self.SETTINGS, depth_mult, output_stride)
+        layers = [nn.Conv2d(in_chans, cin, 3, stem_stride, 1, bias=False), norm_act(cin)]
+        for (expand, channels, _, _, kernel), stride in blocks:
+            layers.append(MBConv(cin, scale(channels), stride, expand, kernel, norm_act))
+            cin = scale(channels)
+        layers += [conv1x1(cin, scale(1280)), norm_act(scale(1280))]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(scale(1280), num_classes))
+        init_weights(self)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 def build_model(arch: str, norm_act: NormAct, num_classes: int, in_chans: int = 3, width: int = 16,
-                blocks_per_stage: int = 1, width_mult: float = 1.0, dropout: float = 0.2) -> nn.Module:
+                blocks_per_stage: int = 1, width_mult: float = 1.0, depth_mult: float = 1.0,
+                output_stride: int = 32, dropout: float = 0.2) -> nn.Module:
     """``arch``: preact_resnet18, preact_resnet50 (224 px), preact_resnet_cifar (28-32 px; ``width``,
-    ``blocks_per_stage``), mobilenet_v2 (``width_mult``, ``dropout``)."""
+    ``blocks_per_stage``), mobilenet_v2 and efficientnet (``width_mult``, ``depth_mult``, ``output_stride``,
+    ``dropout``)."""
     if arch in PREACT_RESNETS:
         return preact_resnet(arch, norm_act, num_classes, in_chans, width, blocks_per_stage)
     if arch == "mobilenet_v2":
-        return MobileNetV2(norm_act, num_classes, in_chans, width_mult, dropout)
+        return MobileNetV2(norm_act, num_classes, in_chans, width_mult, dropout, depth_mult, output_stride)
+    if arch == "efficientnet":
+        return EfficientNet(norm_act, num_classes, in_chans, width_mult, depth_mult, dropout, output_stride)
     raise ValueError(f"unknown arch {arch!r}; choose from preact_resnet18, preact_resnet50, "
-                     "preact_resnet_cifar, mobilenet_v2")
+                     "preact_resnet_cifar, mobilenet_v2, efficientnet")

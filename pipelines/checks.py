@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from evonorm.factory import NORM_ACT_LAYERS
@@ -42,6 +43,21 @@ def likely_keys(unknown: str, known: Iterable[str]) -> list[str]:
     return ends_alike or difflib.get_close_matches(unknown, known, n=2)
 
 
+def norm_layer(norm: DictConfig) -> str:
+    """The factory layer a norm config builds: its ``layer`` where it names one (an evolved layer of the search is
+    ``layer: graph`` under a name of its own, the name the report shows), else its ``name``."""
+    return norm.get("layer") or norm.name
+
+
+def norm_config_files(name: str) -> list[Path]:
+    """The files of the norm config ``name`` in every config dir Hydra searches (conf/ and hydra.searchpath's)."""
+    if not HydraConfig.initialized():
+        return []
+    sources = HydraConfig.get().runtime.config_sources
+    return [Path(s.path) / "norm" / f"{name}.yaml" for s in sources
+            if s.schema == "file" and (Path(s.path) / "norm" / f"{name}.yaml").is_file()]
+
+
 def group_keys(cfg: DictConfig) -> dict[str, set[str]]:
     """What each config group's node may hold, by flat key: the task's config file (and what the task passes
     through), the layer's constructor arguments, Lightning's Trainer arguments. A group file from another config
@@ -52,9 +68,10 @@ def group_keys(cfg: DictConfig) -> dict[str, set[str]]:
         listed = flat_items(OmegaConf.to_container(OmegaConf.load(task_file)))
         known["task"] = {f"task.{k.rstrip('.')}" for k in listed} | {f"task.{k}" for k in extra_config_keys(
             cfg.task.name)}
-    if cfg.norm.name in NORM_ACT_LAYERS:
-        layer = inspect.signature(NORM_ACT_LAYERS[cfg.norm.name]).parameters
-        known["norm"] = {"norm.name"} | {f"norm.kwargs.{k}" for k in layer if k not in ("num_features", "apply_act")}
+    if norm_layer(cfg.norm) in NORM_ACT_LAYERS:
+        layer = inspect.signature(NORM_ACT_LAYERS[norm_layer(cfg.norm)]).parameters
+        known["norm"] = {"norm.name", "norm.layer"} | {f"norm.kwargs.{k}" for k in layer
+                                                       if k not in ("num_features", "apply_act")}
     return known
 
 
@@ -86,8 +103,8 @@ def check_group_keys(cfg: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Refuse, before anything starts, a config the run cannot do what was asked with: a top-level key the project
     does not know (``+data.root=...`` for ``task.data.root=...``: it would be ignored), a key under task, norm or
-    trainer that nothing takes (``check_group_keys``), nothing to train, or an
-    unknown ``test_ckpt``."""
+    trainer that nothing takes (``check_group_keys``), a norm config name found in two config dirs (conf/ and a
+    ``hydra.searchpath`` dir), nothing to train, or an unknown ``test_ckpt``."""
     unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
     if unknown:
         def flat(keys):
@@ -102,6 +119,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"unknown top-level config key(s) {', '.join(unknown)} (the run would ignore them). "
                          f"{' '.join(hints)} Top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
     check_group_keys(cfg)
+    twice = norm_config_files(cfg.norm.name)
+    if len(twice) > 1:
+        raise ValueError(f"norm={cfg.norm.name}: a layer of that name exists twice ({', '.join(map(str, twice))}); "
+                         "Hydra would take the first silently. Rename one, or drop its dir from hydra.searchpath")
     for key in TRAINING_LENGTH_KEYS:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent)

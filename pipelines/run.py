@@ -23,7 +23,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from evonorm import norm_act_factory
 from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat
-from pipelines.checks import check_config, check_resume_dir, newest_checkpoint, previous_attempt, run_config
+from pipelines.checks import (check_config, check_resume_dir, newest_checkpoint, norm_layer, previous_attempt,
+                             run_config)
 from pipelines.jobs import (ddp_launch_state, end_ddp_job, multirun_job_num, multirun_job_overrides,
                             multirun_sweep_dir, relaunch_ddp_as_this_job)
 from pipelines.loggers import build_loggers, finish_wandb
@@ -196,7 +197,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         checkpoint = check_checkpoint(Path(ckpt_path), cfg) if ckpt_path else None
         pl.seed_everything(cfg.seed, workers=True)
-        norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
+        norm_act = norm_act_factory(norm_layer(cfg.norm), **cfg.norm.kwargs)
         parts = build_task(cfg.task.name, cfg.task, norm_act)
         record["compile"] = resolve_compile(cfg)
         if record["compile"]:

@@ -12,7 +12,7 @@ project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 for req in project["dependencies"] + project["optional-dependencies"]["test"]:
     name, _, version = re.split(r"(==)", req)
     try:
-        if md.version(name) != version:
+        if md.version(re.sub(r"\[.*\]", "", name)) != version:  # ray[client]: the package ray
             print(req)
     except md.PackageNotFoundError:
         print(req)

@@ -46,15 +46,17 @@ def test_experiment_states_deltas_only(tmp_path):
 
 
 def test_readme_names_only_existing_keys(tmp_path):
-    """Every config key the README names (``task.data.root``, ``trainer.num_nodes``, ...) exists in some task's
-    composed config, so a command copied from it does not fail with "Key ... is not in struct"."""
+    """Every config key the README names (``task.data.root``, ``trainer.num_nodes``, ``search.budget``, ...) exists
+    in some task's composed config or the search's, so a command copied from it does not fail with "Key ... is not in
+    struct"."""
     readme = (REPO_ROOT / "README.md").read_text()
-    keys = set(re.findall(r"(?<![\w.+/-])((?:task|trainer|report|norm)\.[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?![\w(/])",
-                          readme))
+    keys = set(re.findall(r"(?<![\w.+/-])((?:task|trainer|report|norm|search|proxy|protocols|rerank)\.(?!py\b)"
+                          r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?![\w(/])", readme))
     assert len(keys) > 20  # the pattern still finds them
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfgs = [compose("config", overrides=[f"task={task}", f"output_dir={tmp_path}"]) for task in options("task")]
         cfgs.append(compose("config", overrides=["norm=graph", f"output_dir={tmp_path}"]))  # norm.kwargs.graph
+        cfgs.append(compose("search", overrides=[f"output_dir={tmp_path}"]))
     absent = object()
     assert [k for k in sorted(keys) if all(OmegaConf.select(c, k, default=absent) is absent for c in cfgs)] == []
 

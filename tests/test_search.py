@@ -295,3 +295,13 @@ def test_a_norm_name_found_in_two_config_dirs_is_refused(tmp_path):
             check_config(cfg)
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_fitness_is_the_scores_of_a_passed_layer_else_how_far_it_got():
+    from pipelines.search.evolution import fitness
+    assert fitness(entry(0, "passed", scores=[0.7, 0.6, 0.5]), 3) == (0.7, 0.6, 0.5)
+    assert fitness(entry(1, "rejected", "quality", screen=[0.4, 0.1]), 3) == (0.4, 0.1, 0.0)
+    assert fitness(entry(2, "rejected", "stability"), 3) == (0.0, 0.0, 0.0)
+    assert fitness(entry(3, "rejected", "static"), 3) is None and fitness(entry(4, "failed"), 3) is None
+    assert fitness(entry(5, "duplicate", "fingerprint", original_status="passed", scores=[0.7, 0.6, 0.5]),
+                   3) == (0.7, 0.6, 0.5)

@@ -27,7 +27,7 @@ from pipelines.loggers import start_wandb, wandb_mode
 from pipelines.records import config_changes, describe_changes, pid_exists, process_identity
 from pipelines.search import leaderboard
 from pipelines.search.engine import Failure, RayEngine
-from pipelines.search.evolution import Member, Strategy
+from pipelines.search.evolution import Member, Strategy, fitness
 from pipelines.search.fingerprint import fingerprint, probe_outputs, static_problem
 from pipelines.search.history import History
 from pipelines.search.mutator import Mutator, series_problem
@@ -152,8 +152,8 @@ def strip_run_keys(config: dict) -> dict:
 # the search
 
 class Search:
-    def __init__(self, cfg: DictConfig, search_dir: Path, history: History):
-        self.cfg, self.dir, self.history = cfg, search_dir, history
+    def __init__(self, cfg: DictConfig, history: History):
+        self.cfg, self.history = cfg, history
         self.wandb, self.progress = None, None
         self.series, self.budget = cfg.search.series, cfg.search.budget
         self.groups = cfg.proxy.groups
@@ -187,9 +187,9 @@ class Search:
         if entry["status"] in ("passed", "rejected") and entry.get("ended_by") != "static" and \
                 entry["fingerprint"] not in self.cache:
             self.cache[entry["fingerprint"]] = entry
-        if entry["status"] == "passed" or (entry["status"] == "duplicate" and entry["scores"]):
-            self.strategy.add(Member(entry["id"], Graph([tuple(n) for n in entry["genome"]], check=False),
-                                     tuple(entry["scores"])))
+        scores = fitness(entry, len(self.cfg.proxy.anchors))
+        if scores is not None:
+            self.strategy.add(Member(entry["id"], Graph([tuple(n) for n in entry["genome"]], check=False), scores))
 
     # ---------------------------------------------------------------- candidates
 
@@ -227,6 +227,7 @@ class Search:
         """A candidate equivalent to an evaluated one: its outcome, not trained again."""
         return {**entry, "status": "duplicate", "ended_by": "fingerprint", "duplicate_of": original["id"],
                 "original_status": original["status"], "scores": original.get("scores"),
+                "screen": original.get("screen"),
                 "reason": f"computes what #{original['id']} computes ({original['formula']}, {original['status']})"}
 
     def reference_jobs(self) -> list[dict]:
@@ -307,7 +308,7 @@ def run_search(cfg: DictConfig) -> Path:
     check_search_config(cfg)
     history = History(search_dir)
     check_search_dir(search_dir, cfg, history)
-    search = Search(cfg, search_dir, history)  # refuses bad references and seed layers
+    search = Search(cfg, history)  # refuses bad references and seed layers
     record = {"status": "running", "config": search_config(cfg), "driver": process_identity(),
               "started_at": time.time()}
     (search_dir / SEARCH_FILE).write_text(json.dumps(record, indent=2))

@@ -1,10 +1,13 @@
 """Where the next candidate comes from: aging evolution with Pareto tournaments (Real et al. 2019; the paper's
 multi-objective tournament over the K anchor scores), or random search with the same budget.
 
-Only layers that passed every protocol enter the population (the rejected are discarded, as in the paper). Until
-it holds ``population`` layers, evolution draws random ones (its random initial population, optionally seeded with
-known layers); then each child is a mutant of a parent drawn from the Pareto front of a random sample of
-``tournament`` members, and each layer that passes pushes the oldest out.
+Every evaluated layer enters the population, with its ``fitness``: its K proxy scores if it passed every protocol,
+else the screen accuracies it reached (0 for the anchors it did not reach, all 0 for a finiteness or stability
+rejection). (The paper discards rejected layers; with 5000 workers it could. Here some 1-3% of random layers pass,
+and a population of passed layers only would take the whole budget to fill: near misses are where evolution starts.)
+Until it holds ``population`` layers, evolution draws random ones (its random initial population, optionally seeded
+with known layers); then each child is a mutant of a parent drawn from the Pareto front of a random sample of
+``tournament`` members, and each layer evaluated pushes the oldest out.
 """
 from __future__ import annotations
 
@@ -25,6 +28,17 @@ class Member:
     scores: tuple[float, ...]
 
 
+def fitness(entry: dict, anchors: int) -> tuple[float, ...] | None:
+    """What a recorded candidate brings into the population (None: it stays out: a static rejection, a crash); an
+    equivalent of an evaluated layer brings that layer's."""
+    if entry["status"] == "failed" or entry["ended_by"] == "static":
+        return None
+    if entry.get("original_status", entry["status"]) == "passed":
+        return tuple(entry["scores"])
+    reached = list(entry.get("screen") or [])
+    return tuple(reached + [0.0] * (anchors - len(reached)))
+
+
 def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
@@ -35,8 +49,8 @@ def pareto_front(members: list) -> list:
 
 
 class Strategy:
-    """``next(rng)``: the next child as (graph, parent id or None, how it was made); ``add(member)``: a layer that
-    passed. ``seeds``: graphs handed out first (the initial population's known layers)."""
+    """``next(rng)``: the next child as (graph, parent id or None, how it was made); ``add(member)``: an evaluated
+    layer. ``seeds``: graphs handed out first (the initial population's known layers)."""
 
     def __init__(self, kind: str, mutator: Mutator, population: int, tournament: int, seeds: list[Graph] = ()):
         if kind not in STRATEGIES:

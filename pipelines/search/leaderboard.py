@@ -20,8 +20,10 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from evonorm.space import PAPER_LAYERS, parse
 from pipelines.checks import CONF_DIR
 from pipelines.search.evaluator import PROTOCOLS, WORKER_PROTOCOLS
+from pipelines.search.fingerprint import fingerprint, probe_outputs
 from pipelines.search.evolution import pareto_front
 from pipelines.search.history import History
 
@@ -72,7 +74,7 @@ def progress_metrics(entries: list[dict]) -> dict:
     ended = Counter(e["ended_by"] or e["status"] for e in done)
     best = best_so_far(entries)[-1]
     return {"candidates": len(done), **({"best_mean_score": best} if best is not None else {}),
-            **{f"ended_by/{k}": v for k, v in ended.items()}}
+            **{f"outcome/{k}": v for k, v in ended.items()}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ def leaderboard_rows(entries: list[dict], keep: int) -> list[dict]:
         means = [mean(col) for col in zip(*runs)]
         rows.append({"name": evolved_name(source) if source.get("kind") == "candidate" else name,
                      "reference": source.get("kind") == "reference", "id": source.get("id"),
+                     "fingerprint": source.get("fingerprint"),
                      "formula": source.get("formula", ""), "proxy": source.get("scores"),
                      "proxy_mean": mean(source.get("scores") or []), "proxy_status": source.get("status"),
                      "rerank": means, "rerank_mean": mean(means), "rerank_seeds": len(runs),
@@ -184,12 +187,20 @@ def target_lines(rows: list[dict], series: str, anchors: list[str]) -> list[str]
             + (f" Seed std of {ref['name']} ({ref['rerank_seeds']} seeds): {spread}." if spread else "")]
 
 
+def paper_layer_of(fingerprint_: str | None) -> str | None:
+    """The paper layer (b0 ... s2) a fingerprint belongs to, if any: a search that found one again says so."""
+    known = {fingerprint(probe_outputs(parse(formula))): name for name, formula in PAPER_LAYERS.items()}
+    return known.get(fingerprint_)
+
+
 def write_leaderboard(search_dir: Path, rows: list[dict], anchors: list[str], summary: dict, series: str) -> None:
     header = ["rank", "layer", "formula", *[f"proxy {a}" for a in anchors], "proxy mean",
               *[f"re-rank {a}" for a in anchors], "re-rank mean", "re-rank seeds", "kept"]
     table = []
     for i, row in enumerate(rows, 1):
-        table.append([i, row["name"] + (" (reference)" if row["reference"] else ""), row["formula"],
+        paper = paper_layer_of(row["fingerprint"])
+        table.append([i, row["name"] + (" (reference)" if row["reference"] else f" (= {paper})" if paper else ""),
+                      row["formula"] or PAPER_LAYERS.get(row["name"], ""),
                       *[fmt(s) for s in (row["proxy"] or [None] * len(anchors))], fmt(row["proxy_mean"]),
                       *[fmt(s) for s in row["rerank"]],
                       fmt(row["rerank_mean"]) + (f" ± {row['rerank_std']:.3f}" if row["rerank_std"] else ""),
@@ -256,7 +267,7 @@ def write_pareto(search_dir: Path, entries: list[dict], anchors: list[str]) -> N
                         xytext=(4, 4), fontsize=8, color="tab:red")
         ax.set_xlabel(f"{anchors[i]} top-1")
         ax.set_ylabel(f"{anchors[j]} top-1")
-    axes[0][0].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(f"Proxy scores of the {len(passed)} layers that passed (references: stars)")
     fig.tight_layout()
     fig.savefig(search_dir / "pareto.png", dpi=110)

@@ -265,7 +265,7 @@ def test_leaderboard_ranks_by_rerank_score_and_writes_configs_the_run_pipeline_b
 
 def test_bad_search_configs_are_refused_with_what_to_change():
     with pytest.raises(ValueError, match="search.budget=10 is smaller than search.population=30"):
-        check_search_config(search_cfg("search.budget=10"))
+        check_search_config(search_cfg("search.budget=10", "search.population=30"))
     check_search_config(search_cfg("search.budget=10", "search.strategy=random"))  # random search has no population
     with pytest.raises(ValueError, match="bn_relu given twice"):
         reference_layers(["bn_relu", "s0", "bn_relu"], 4)
@@ -305,3 +305,14 @@ def test_fitness_is_the_scores_of_a_passed_layer_else_how_far_it_got():
     assert fitness(entry(3, "rejected", "static"), 3) is None and fitness(entry(4, "failed"), 3) is None
     assert fitness(entry(5, "duplicate", "fingerprint", original_status="passed", scores=[0.7, 0.6, 0.5]),
                    3) == (0.7, 0.6, 0.5)
+
+
+def test_an_evolved_layer_trains_in_the_run_pipeline_under_its_own_name(compose_cfg, tmp_path):
+    from pipelines.run import run
+    rows = [{"name": "evolved_abc", "reference": False, "kept": True, "id": 3, "rerank_mean": 0.5,
+             "formula": "x * sigmoid(x) / rms_hwg(x)"}]
+    write_norm_configs(tmp_path, rows)
+    record = run(compose_cfg("norm=evolved_abc", f"hydra.searchpath=[file://{tmp_path}]",
+                             output_dir=tmp_path / "run"))
+    assert record["status"] == "completed" and record["norm"]["name"] == "evolved_abc"
+    assert record["norm"]["kwargs"]["graph"] == "x * sigmoid(x) / rms_hwg(x)"

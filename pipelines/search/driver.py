@@ -108,8 +108,9 @@ def check_search_config(cfg: DictConfig) -> None:
                          f"{cfg.proxy.steps}: the screen is the start of the proxy training")
     if not cfg.proxy.anchors:
         raise ValueError("proxy.anchors is empty: the search scores layers on its anchors")
-    if not 1 <= cfg.rerank.keep <= cfg.rerank.top:
-        raise ValueError(f"rerank.keep={cfg.rerank.keep} must be in [1, rerank.top={cfg.rerank.top}]")
+    if not 0 <= cfg.rerank.keep <= cfg.rerank.top:
+        raise ValueError(f"rerank.keep={cfg.rerank.keep} must be in [0, rerank.top={cfg.rerank.top}] (rerank.top=0: "
+                         "no re-rank)")
     if cfg.logger.name not in ("wandb", "none", "csv"):
         raise ValueError(f"logger={cfg.logger.name}: the search logs to wandb or not at all (none)")
 

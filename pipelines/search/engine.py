@@ -8,12 +8,12 @@ this checkout) or installed (``pip install -e``).
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
-
-import ray
 
 from pipelines.search.evaluator import evaluate
 
@@ -39,6 +39,18 @@ def probe(address: str) -> None:
                           "instance") from e
 
 
+def import_ray(address: str | None):
+    """``ray``, imported for ``address``: a ``ray://`` client of a cluster with token authentication (Ray's default
+    since 2.5x) sends the token only if ``RAY_AUTH_MODE=token`` was set before ray was imported."""
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()
+    if (address or "").startswith("ray://") and token and "RAY_AUTH_MODE" not in os.environ:
+        if "ray" in sys.modules:
+            log.warning("ray was imported before the search set RAY_AUTH_MODE=token; if the connection to %s "
+                        "times out, export RAY_AUTH_MODE=token", address)
+        os.environ["RAY_AUTH_MODE"] = "token"
+    return importlib.import_module("ray")
+
+
 class Failure:
     """An evaluation that crashed (after its retries): what the driver records instead of an outcome."""
 
@@ -54,6 +66,7 @@ class RayEngine:
         self.workers = workers
         if address is not None:
             probe(address)
+        self.ray = ray = import_ray(address)
         env = {"PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO_ROOT)) if p)}
         try:
             if address is None:
@@ -72,11 +85,11 @@ class RayEngine:
         if cpus < workers:
             log.warning("search.workers=%d but the Ray cluster has %g CPUs: the extra evaluations wait", workers, cpus)
         self.task = ray.remote(num_cpus=1, max_retries=max_retries)(evaluate)
-        self.pending: dict[ray.ObjectRef, dict] = {}
+        self.pending: dict = {}  # ObjectRef -> job
 
-    def put(self, value) -> ray.ObjectRef:
+    def put(self, value):
         """Into the object store once (the proxy data): tasks get the reference."""
-        return ray.put(value)
+        return self.ray.put(value)
 
     @property
     def has_room(self) -> bool:
@@ -87,16 +100,16 @@ class RayEngine:
 
     def next_finished(self) -> tuple[dict, dict | Failure]:
         """The next evaluation to finish: its job and outcome (or Failure)."""
-        (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+        (ref,), _ = self.ray.wait(list(self.pending), num_returns=1)
         job = self.pending.pop(ref)
         try:
-            return job, ray.get(ref)
-        except ray.exceptions.RayError as e:
+            return job, self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
             log.warning("evaluation of %s failed after its retries: %s", job["name"], e)
             return job, Failure(e)
 
     def shutdown(self) -> None:
         for ref in self.pending:
-            ray.cancel(ref, force=True)
+            self.ray.cancel(ref, force=True)
         self.pending.clear()
-        ray.shutdown()
+        self.ray.shutdown()

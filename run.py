@@ -9,8 +9,9 @@ log = logging.getLogger(__name__)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipelines.run import RunDirConflict, run  # after Hydra has parsed the command line: --help stays fast
-    from pipelines.sweep import multirun_sweep_dir, refuse_job
+    from pipelines.checks import RunDirConflict  # after Hydra has parsed the command line: --help stays fast
+    from pipelines.jobs import multirun_sweep_dir, refuse_job
+    from pipelines.run import run
 
     try:
         run(cfg)

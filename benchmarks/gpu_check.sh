@@ -6,7 +6,7 @@
 # ResNet-50 training-step benchmark (float32, bfloat16 autocast; Python and native launches) with host profiles.
 # Logs and JSON go to benchmarks/results; when $OUT is set (the device machine's result folder, which returns only a
 # few files), to a scratch folder packed into $OUT/gpu_check.tar.gz after every step instead. Each step has
-# its own time limit (STEP_TIMEOUT seconds, default 180), so that one slow step still leaves the others their time;
+# its own time limit (STEP_TIMEOUT seconds, default 180; the CUDA tests TESTS_LIMIT, default 300), so that one slow step still leaves the others their time;
 # the exit status is nonzero if any step failed or timed out. Named steps run alone; "compiled" (the ResNet-50 step
 # under torch.compile, about 5 minutes of compiling) runs only when named.
 #
@@ -42,7 +42,7 @@ step() {  # [STEP_LIMIT=s] step NAME COMMAND...: run if selected, with the time 
 step env python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 # the CUDA cases only (the CPU and Triton-interpreter cases run in CI); each kernel test runs with whole row sets
 # and in tiles
-STEP_LIMIT=300 step tests python -m pytest tests/test_triton_kernels.py tests/test_op_count.py tests/test_fast_layers.py \
+STEP_LIMIT=${TESTS_LIMIT:-300} step tests python -m pytest tests/test_triton_kernels.py tests/test_op_count.py tests/test_fast_layers.py \
     tests/test_layers.py -q -p no:cacheprovider -rs -k "cuda and not interp and not native"
 # native launches (evonorm/triton_native.py) in a step of their own: a wrong launch would end its process; where
 # they fail, the benchmarks below leave them out

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from pipelines.sweep import multirun_sweep_dir
+from pipelines.jobs import multirun_sweep_dir
 
 log = logging.getLogger(__name__)
 ONLINE_START_TIMEOUT_S = 30  # wandb's own default waits 90 s

@@ -20,8 +20,8 @@ from evonorm import NORM_ACT_NAMES
 import evonorm
 from pipelines.callbacks import FiniteLossCheck
 from pipelines.records import write_record
-from pipelines.run import (TOP_LEVEL_KEYS, RunDirConflict, check_config, describe_error, nan_loss_remedies,
-                           newest_checkpoint, run, run_config)
+from pipelines.checks import TOP_LEVEL_KEYS, RunDirConflict, check_config, newest_checkpoint, run_config
+from pipelines.run import describe_error, nan_loss_remedies, run
 from tests.conftest import CONF_DIR, REPO_ROOT, SMOKE_OVERRIDES
 
 RECORD_KEYS = {"status", "task", "norm", "model", "dataset", "seed", "test", "best_val", "steps", "epochs",
@@ -395,3 +395,26 @@ def test_killed_run_keeps_its_state(tmp_path):
 def test_mobilenet_v2_runs_on_the_default_data(compose_cfg, tmp_path):
     record = run(compose_cfg("task.model.arch=mobilenet_v2", "task.model.width_mult=0.25", "norm=s0"))
     assert record["status"] == "completed" and record["model"] == "mobilenet_v2"
+
+
+def test_pipelines_import_no_circle():
+    """run, sweep (and the search) share a base (records, checks, jobs, loggers) that imports none of them: no module
+    of pipelines/ reaches itself through imports, function-level ones included."""
+    import ast
+    modules = {p.stem: p for p in (REPO_ROOT / "pipelines").glob("*.py") if p.stem != "__init__"}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipelines"):
+                found.add(node.module.split(".")[1] if "." in node.module else None)
+                found.update(a.name for a in node.names if node.module == "pipelines")
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("pipelines."))
+        imports[name] = found & set(modules)
+
+    def reaches(start, target, seen=()):
+        return any(m == target or (m not in seen and reaches(m, target, (*seen, m))) for m in imports[start])
+
+    assert imports["run"] and imports["sweep"]  # the walk sees imports at all
+    assert [m for m in modules if reaches(m, m)] == []

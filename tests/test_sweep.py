@@ -15,8 +15,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from pipelines.records import write_record
-from pipelines.run import RunDirConflict, run_config
-from pipelines.sweep import TransferReportCallback, grid_jobs, refuse_job
+from pipelines.checks import RunDirConflict, run_config
+from pipelines.jobs import refuse_job
+from pipelines.sweep import TransferReportCallback, grid_jobs
 from tasks import TASKS
 from tests.conftest import CONF_DIR, REPO_ROOT
 

@@ -16,7 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import evonorm
 from evonorm.convert import ConversionError, convert
-from pipelines.run import check_config, run
+from pipelines.checks import check_config
+from pipelines.run import run
 from tasks.classification.models import build_model
 from tasks.common.backbones import preact_resnet
 from tasks.common.library_models import feature_extractor, library_model

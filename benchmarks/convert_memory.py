@@ -5,7 +5,9 @@ builds it) against the project's own MobileNetV2 (``tasks/classification/models.
 norm-act factory at every norm position, ``apply_act=False`` in the linear bottlenecks, where the conversion puts it
 too): one training step each, every case in its own child process of ``benchmarks/models.py`` (peak memory: the
 rise of the peak resident set size, or CUDA's ``max_memory_allocated``; saved: the bytes autograd keeps for
-backward), the cases interleaved over ``--passes``, medians reported. Prints, per layer, converted / built-in for
+backward), the cases interleaved over ``--passes``, medians reported. On CPU the children's glibc maps every block
+of 64 KiB or more on its own (``MALLOC_MMAP_THRESHOLD_``), so that a freed tensor leaves the resident set and its
+peak follows the live tensors, not what the allocator kept from the warm-up step. Prints, per layer, converted / built-in for
 peak memory, saved bytes and step time, and both parameter counts (no parameter duplicated, none left behind).
 
     python benchmarks/convert_memory.py                         # bn_relu,gn_relu,b0,s0, batch 32 x 64 px, CPU
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,8 @@ def main(argv=None):
                             batch=args.batch, size=args.size, steps=args.steps, device=args.device)
                 print(f"{layer} {kind} ...", file=sys.stderr, flush=True)
                 out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "models.py"), "--child",
-                                      json.dumps(spec)], stdout=subprocess.PIPE, text=True, check=True)
+                                      json.dumps(spec)], stdout=subprocess.PIPE, text=True, check=True,
+                                     env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
                 runs.setdefault((layer, kind), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     median = {case: {k: statistics.median(r[k] for r in rs) for k in ("step_ms", "peak_bytes", "saved_bytes")}
               for case, rs in runs.items()}

@@ -241,6 +241,7 @@ def test_library_classifier_by_name_with_weights_by_path(tmp_path, caplog):
     ("torchvision:resnet18", {"width_mult": 0.5}, r"does not take task.model.kwargs=\{'width_mult': 0.5\}"),
     ("torchvision:mobilenet_v2", {"width": 8}, r"task.model.width=8: set for this project's models.*kwargs"),
     ("mobilenet_v2", {"kwargs": {"width_mult": 0.5}}, r"go to a torchvision or timm model's constructor"),
+    ("torchvision:squeezenet1_1", {}, r"has no BatchNorm2d for the layer to replace: choose a model with BatchNorm"),
 ])
 def test_bad_model_choices_say_what_to_do(arch, kwargs, message):
     options = {"kwargs": kwargs} if arch.startswith(("torchvision", "timm")) and "width" not in kwargs else kwargs

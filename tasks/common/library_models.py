@@ -70,7 +70,11 @@ def library_model(arch: str, norm_act, num_classes: int, in_chans: int, weights:
     library_file = state is not None and set(state) <= set(model.state_dict())
     if library_file:
         load_weights(model, state, f"{weights_key}={weights}", classifier=classifier)
-    model, _ = convert(model, norm_act)
+    model, conversion = convert(model, norm_act)
+    if not conversion.positions:  # the run would be recorded with a layer it does not have
+        raise ValueError(f"{arch} has no BatchNorm2d for the layer to replace"
+                         f"{' (left: ' + '; '.join(conversion.left.values()) + ')' if conversion.left else ''}: "
+                         "choose a model with BatchNorm (python run.py --help says where the names are listed)")
     adapt_input_channels(model, in_chans, stem)
     if state is not None and not library_file:
         load_weights(model, state, f"{weights_key}={weights}", classifier=classifier)

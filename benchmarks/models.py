@@ -25,7 +25,8 @@ another in ``--passes`` interleaved passes; the median is reported.
     python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast --compile
     python benchmarks/models.py --device cuda --batch 64 --layers bn_relu,b0,s0 --impls fast,fast-native
 
-``--impls fast-native``: ``impl="fast"`` with native Triton launches (evonorm.triton_native, CUDA).
+``--impls fast-native``: ``impl="fast"`` with native Triton launches (evonorm.triton_native, CUDA: the layers' default);
+``fast`` rows launch from Python.
 """
 from __future__ import annotations
 
@@ -115,9 +116,8 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     model's as timed (compiled, in its precision), the peak over the timed steps only."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    if impl == "fast-native":
-        triton_native.set_launch("native")
-        impl = "fast"
+    triton_native.set_launch("native" if impl == "fast-native" else "python")  # "fast": launches from Python
+    impl = "fast" if impl == "fast-native" else impl
     detector = arch in DETECTORS
     if detector:
         model, x, loss_of = detector_case(arch, layer, impl, batch, size, dev, box_head)

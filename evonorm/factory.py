@@ -9,6 +9,7 @@ from torch import nn
 from .baselines import BatchNormAct2d, FilterResponseNormTLU, GroupNormAct
 from .batch import EvoNormB0, EvoNormB1, EvoNormB2
 from .sample import EvoNormS0, EvoNormS1, EvoNormS2
+from .space import GraphNormAct, as_graph
 
 NORM_ACT_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "b0": EvoNormB0,
@@ -22,11 +23,13 @@ NORM_ACT_LAYERS: dict[str, Callable[..., nn.Module]] = {
     "gn_relu": partial(GroupNormAct, act="relu"),
     "gn_silu": partial(GroupNormAct, act="silu"),
     "frn_tlu": FilterResponseNormTLU,
+    "graph": GraphNormAct,  # a layer of the search space: needs graph=<formula> (evonorm.space)
 }
-NORM_ACT_NAMES = tuple(NORM_ACT_LAYERS)
+# The layers a name alone builds (what sweeps, benchmarks and tests go through); "graph" needs its formula too.
+NORM_ACT_NAMES = tuple(name for name in NORM_ACT_LAYERS if name != "graph")
 # Types whose parameters take no weight decay (the reference trains EvoNorm parameters without it).
 NORM_LAYER_TYPES = (
-    EvoNormB0, EvoNormB1, EvoNormB2, EvoNormS0, EvoNormS1, EvoNormS2, FilterResponseNormTLU,
+    EvoNormB0, EvoNormB1, EvoNormB2, EvoNormS0, EvoNormS1, EvoNormS2, FilterResponseNormTLU, GraphNormAct,
     nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
 )
 
@@ -35,12 +38,13 @@ def norm_act(name: str, num_features: int, apply_act: bool = True, **kwargs) -> 
     """Build the norm-act layer ``name`` for ``num_features`` channels.
 
     ``apply_act=False`` asks for the layer at a position with no activation after it. Extra keyword arguments
-    (``eps``, ``groups``, ``momentum``, ``linear``, ``device``, ``dtype``, ...) go to the layer.
+    (``eps``, ``groups``, ``momentum``, ``linear``, ``device``, ``dtype``, ``graph`` for "graph", ...) go to the
+    layer.
     """
     try:
         layer = NORM_ACT_LAYERS[name]
     except KeyError:
-        raise ValueError(f"unknown norm-act layer {name!r}; valid names: {', '.join(NORM_ACT_NAMES)}") from None
+        raise ValueError(f"unknown norm-act layer {name!r}; valid names: {', '.join(NORM_ACT_LAYERS)}") from None
     if "act" in kwargs:  # bn_relu with act="silu" would be bn_silu under another name
         raise ValueError(f"norm-act layer {name!r} names its activation: choose the name with the one wanted "
                          f"({', '.join(NORM_ACT_NAMES)}) instead of act={kwargs['act']!r}")
@@ -51,4 +55,6 @@ def norm_act_factory(name: str, **kwargs) -> Callable[..., nn.Module]:
     """``norm_act`` with the name and layer options bound: what model builders take."""
     if name not in NORM_ACT_LAYERS:
         norm_act(name, 1)  # raises the ValueError that lists the names
+    if name == "graph":  # a formula that does not parse fails here, before any model is built; parsed once
+        kwargs["graph"] = as_graph(kwargs.get("graph"))
     return partial(norm_act, name, **kwargs)

@@ -586,7 +586,7 @@ def evonorm_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v: 
     """EvoNorm B0/B1/B2 with activation; in training the running variance is updated in place."""
     check_choice(variant, BATCH_VARIANTS, "variant")
     if _use_triton(x, weight):
-        if triton_native.enabled():
+        if triton_native.enabled(x):
             y = triton_native.call(triton_native.BATCH, x, weight, bias, v, running_var,
                                    BATCH_VARIANTS.index(variant), eps, momentum, training)
             if y is not None:
@@ -603,7 +603,7 @@ def evonorm_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, v:
                    groups: int, eps: float, centered: bool) -> torch.Tensor:
     """EvoNorm S0 (v given), S1 (v None, centered) or S2 (v None, not centered) with activation."""
     if _use_triton(x, weight):
-        if triton_native.enabled():
+        if triton_native.enabled(x):
             y = triton_native.call(triton_native.SAMPLE, x, weight, bias, v, None, groups, eps, 0.0, centered)
             if y is not None:
                 return y

@@ -1,12 +1,19 @@
-"""Callbacks every task gets: a finite-loss guard, the best-validation record, a crash checkpoint, a heartbeat."""
+"""Callbacks every task gets: a finite-loss guard, a loss-spike monitor, the best-validation record, a crash
+checkpoint, a heartbeat."""
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 import time
+from collections import deque
 from typing import Callable
 
 import pytorch_lightning as pl
 import torch
+
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -27,6 +34,94 @@ class FiniteLossCheck(pl.Callback):
                 f"training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}). "
                 f"{self.remedies}. The checkpoints of earlier epochs, if any, stay in the run's checkpoints/ folder "
                 "(none is saved now: the weights may be broken).")
+
+
+class LossSpikeMonitor(pl.Callback):
+    """Puts divergence on the record: a training loss far above its recent level is a spike.
+
+    Rule, per watched loss (``losses``: the key of the training step's output -> its floor): the spike ratio of a step
+    is ``|loss| / max(|level|, floor)``, where ``level`` is the median of the loss over the previous ``window`` steps
+    (a median: one bad step does not move it). The ratio is defined once ``min_history`` steps are in the window; a
+    step whose ratio exceeds ``factor`` is a spike. The floor keeps a loss near zero (a GAN discriminator that wins
+    for a while) from turning small absolute changes into large ratios. Consecutive spiking steps are one event,
+    logged as a warning when it starts; ``summary()`` (for ``results.json``) lists the events and the worst ratio of
+    the run, spike or not, which says how close a run came. Each step's ratios are logged as
+    ``divergence/<loss>_ratio`` (wandb, csv). The events survive a resume (checkpointed state).
+    """
+
+    def __init__(self, losses: dict[str, float], factor: float = 4.0, window: int = 50, min_history: int = 20):
+        if factor <= 1 or min_history < 1 or window < min_history:
+            raise ValueError(f"divergence: need factor > 1 and window >= min_history >= 1, got factor={factor}, "
+                             f"window={window}, min_history={min_history}")
+        self.losses, self.factor, self.window, self.min_history = dict(losses), factor, window, min_history
+        self.history = {key: deque(maxlen=window) for key in self.losses}
+        self.events: list[dict] = []
+        self.worst: dict | None = None  # the step with the highest ratio
+        self.open: dict[str, dict] = {}  # key -> the event that the previous step belongs to
+
+    def ratio(self, key: str, value: float) -> tuple[float, float] | None:
+        """(ratio, level) of ``value`` against the window of ``key``, None while the window is too short."""
+        history = self.history[key]
+        if len(history) < self.min_history:
+            return None
+        level = statistics.median(history)
+        return abs(value) / max(abs(level), self.losses[key]), level
+
+    def observe(self, step: int, key: str, value: float) -> float | None:
+        """Take one step's loss; its ratio (None while the window fills). Non-finite values are FiniteLossCheck's."""
+        if not math.isfinite(value):
+            return None
+        found = self.ratio(key, value)
+        self.history[key].append(value)
+        if found is None:
+            return None
+        ratio, level = found
+        if self.worst is None or ratio > self.worst["ratio"]:
+            self.worst = {"loss": key, "step": step, "value": value, "level": level, "ratio": ratio}
+        event = self.open.get(key)
+        if ratio <= self.factor:
+            self.open.pop(key, None)
+        elif event is not None:  # the same blow-up goes on
+            event["last_step"] = step
+            if ratio > event["ratio"]:
+                event.update(peak_step=step, value=value, ratio=ratio)
+        else:
+            event = {"loss": key, "step": step, "last_step": step, "peak_step": step, "value": value, "level": level,
+                     "ratio": ratio}
+            self.events.append(event)
+            self.open[key] = event
+            log.warning("loss spike at step %d: %s = %.4g, %.1fx its running median %.4g over the last %d steps "
+                        "(a spike: above %gx; the run goes on and its record says so)", step, key, value, ratio,
+                        level, len(self.history[key]) - 1, self.factor)
+        return ratio
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not isinstance(outputs, dict):
+            outputs = {"loss": outputs}
+        ratios = {}
+        for key in self.losses:
+            value = outputs.get(key)
+            if value is not None:
+                ratio = self.observe(trainer.global_step, key, float(value))
+                if ratio is not None:
+                    ratios[f"divergence/{key}_ratio"] = ratio
+        if ratios and trainer.loggers:
+            pl_module.log_dict(ratios, on_step=True, on_epoch=False)
+
+    def summary(self) -> dict:
+        return {"spikes": len(self.events), "events": self.events, "worst": self.worst,
+                "rule": f"|loss| > {self.factor}x max(median of the previous {self.window} steps, floor); floors "
+                        + ", ".join(f"{k} {v}" for k, v in self.losses.items())}
+
+    def state_dict(self):
+        return {"history": {k: list(v) for k, v in self.history.items()}, "events": self.events,
+                "worst": self.worst}
+
+    def load_state_dict(self, state_dict):
+        for key, values in state_dict["history"].items():
+            if key in self.history:
+                self.history[key].extend(values)
+        self.events, self.worst = state_dict["events"], state_dict["worst"]
 
 
 class CheckpointOnException(pl.Callback):

@@ -15,18 +15,25 @@ from evonorm.factory import NORM_ACT_LAYERS
 from pipelines.records import (RESULTS_FILE, config_changes, describe_changes, effective_status, flat_items,
                                read_record)
 from tasks import TASKS, extra_config_keys
+from tasks.common.datasets import DatasetError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # may vary between attempts of one run (compile: the same model and numerics up to float rounding)
-CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "heartbeat_s", "report", "compile")
+CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "heartbeat_s", "report", "compile",
+                             "divergence")
 # the top-level keys of conf/config.yaml (its own and its groups' packages) and +resume; experiments and budgets
 # are packaged _global_ and add none
-TOP_LEVEL_KEYS = ("seed", "ckpt_path", "test_ckpt", "compile", "output_dir", "heartbeat_s", "report", "task", "norm",
-                  "trainer", "logger", "resume")
+TOP_LEVEL_KEYS = ("seed", "ckpt_path", "test_ckpt", "compile", "output_dir", "heartbeat_s", "divergence", "report",
+                  "task", "norm", "trainer", "logger", "resume")
 # Trainer arguments that run() passes itself
 PIPELINE_TRAINER_ARGUMENTS = ("trainer.callbacks", "trainer.logger", "trainer.default_root_dir")
 # what sets a run's length (trainer.max_epochs is ${task.epochs} unless set itself); each must be >= 1
 TRAINING_LENGTH_KEYS = ("task.epochs", "task.steps", "task.data.steps_per_epoch", "trainer.max_epochs")
+
+
+class ConfigError(ValueError):
+    """A config the run cannot do what was asked with (an unknown key, a value out of range, a checkpoint of another
+    run): refused before training starts, with a message that names the key and what to give instead."""
 
 
 class RunDirConflict(RuntimeError):
@@ -78,7 +85,7 @@ def check_group_keys(cfg: DictConfig) -> None:
                 matches = likely_keys(key, sorted(known))[:1]
                 hints.append(f"{key}: did you mean {matches[0]}={value}?" if matches else f"{key}: no such setting.")
     if hints:
-        raise ValueError(f"unknown config key(s), which the run would ignore or fail on: {' '.join(hints)} (task "
+        raise ConfigError(f"unknown config key(s), which the run would ignore or fail on: {' '.join(hints)} (task "
                          "keys: conf/task/<task>.yaml; norm.kwargs: the layer's arguments; trainer: Lightning's "
                          "Trainer arguments)")
 
@@ -99,7 +106,7 @@ def check_config(cfg: DictConfig) -> None:
             matches = likely_keys(key, known)
             hints.append(f"{key}: did you mean {' or '.join(f'{m}={value}' for m in matches)} (without '+')?"
                          if matches else f"{key}: no such setting.")
-        raise ValueError(f"unknown top-level config key(s) {', '.join(unknown)} (the run would ignore them). "
+        raise ConfigError(f"unknown top-level config key(s) {', '.join(unknown)} (the run would ignore them). "
                          f"{' '.join(hints)} Top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
     check_group_keys(cfg)
     for key in TRAINING_LENGTH_KEYS:
@@ -109,9 +116,9 @@ def check_config(cfg: DictConfig) -> None:
             continue
         value = node[leaf]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value} leaves nothing to train; set {key}=<n>, a whole number >= 1")
+            raise ConfigError(f"{key}={value} leaves nothing to train; set {key}=<n>, a whole number >= 1")
     if cfg.test_ckpt not in ("best", "last"):
-        raise ValueError(f"test_ckpt must be 'best' or 'last', got {cfg.test_ckpt!r}")
+        raise ConfigError(f"test_ckpt must be 'best' or 'last', got {cfg.test_ckpt!r}")
 
 
 def run_config(cfg: DictConfig) -> dict:
@@ -160,7 +167,11 @@ def check_resume_dir(resume: str, found_run: bool) -> None:
     """A single run's ``+resume=<dir>`` must name a run: not a sweep dir (that needs -m and its grid), nor a dir
     with no run recorded in it (Hydra has made it by now), where a fresh run would start silently."""
     if (Path(resume) / "multirun.yaml").is_file():
-        raise ValueError(f"+resume={resume} is a sweep dir: re-run the sweep with -m and its grid")
+        raise ConfigError(f"+resume={resume} is a sweep dir: re-run the sweep with -m and its grid")
     if not found_run:
-        raise ValueError(f"+resume={resume}: no run recorded there to go on with; to start a run in that dir, give "
+        raise ConfigError(f"+resume={resume}: no run recorded there to go on with; to start a run in that dir, give "
                          f"hydra.run.dir={resume} instead")
+
+
+# expected refusals: a single run shows their message alone (the traceback is for crashes, and HYDRA_FULL_ERROR=1)
+REFUSALS = (ConfigError, RunDirConflict, DatasetError)

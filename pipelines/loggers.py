@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from pipelines.checks import ConfigError
 from pipelines.jobs import multirun_sweep_dir
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,17 @@ def build_loggers(cfg: DictConfig, output_dir: Path, model: str) -> list[Logger]
         logger = WandbLogger(experiment=experiment, save_dir=str(output_dir), **run)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         return [logger]
-    raise ValueError(f"unknown logger {kind!r}; choose wandb, csv or none")
+    raise ConfigError(f"unknown logger {kind!r}; choose logger=wandb, csv or none")
 
 
-def finish_wandb(exit_code: int) -> None:
-    """Close the wandb run so the next run of a multirun starts its own."""
+def finish_wandb(exit_code: int, divergence: dict | None = None) -> None:
+    """Close the wandb run so the next run of a multirun starts its own; the loss-spike record (results.json's
+    ``divergence``) goes into its summary first."""
     import wandb
     if wandb.run is not None:
+        if divergence is not None:
+            worst = divergence.get("worst") or {}
+            wandb.run.summary.update({"divergence/spikes": divergence["spikes"],
+                                      "divergence/worst_ratio": worst.get("ratio"),
+                                      "divergence/events": divergence["events"]})
         wandb.finish(exit_code=exit_code)

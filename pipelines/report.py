@@ -29,6 +29,7 @@ from tasks.common.library_models import model_name
 log = logging.getLogger(__name__)
 NOT_COMPLETED = ("failed", "dead", "running", "missing", "no metric", "non-finite")
 NOISE_MARK, UNKNOWN_SPREAD_MARK = "≈", "?"
+SPIKE_MARK = "†"  # a run of the cell had a training-loss spike (results.json "divergence"): not a smooth run
 ERROR_CHARS = 300  # an unfinished run's error in transfer.md, cut to this (its results.json has it whole)
 NOISE_WASH = 0.7  # how far a within-noise cell's colour is blended to white: a noise difference should not glow
 
@@ -60,6 +61,7 @@ class Cell:
     within_noise: bool | None = None  # None: fewer than two seeds on one side, spread unknown
     relative_gain_pct: float | None = None  # change vs the reference in %, positive = better (mode-aware)
     rank: int | None = None
+    spiked: list[dict] = field(default_factory=list)  # the records of its completed runs with a loss spike
 
     @property
     def mean(self) -> float | None:
@@ -215,6 +217,8 @@ def build_report(records: list[dict], reference: str = "bn_relu") -> TransferRep
                 else:
                     cell.outcomes["completed"] += 1
                     cell.values.append(float(record["test"][h.metric]))
+                    if spike_count(record):
+                        cell.spiked.append(record)
         column = [cells[(n, h.name)] for n in norms]
         rank_cells(column, h.mode)
         if reference in norms:
@@ -246,6 +250,18 @@ def runs_summary(records: list[dict], headlines: list[Headline]) -> dict[str, di
     return summary
 
 
+def spike_count(record: dict) -> int:
+    return int((record.get("divergence") or {}).get("spikes") or 0)
+
+
+def spike_text(record: dict) -> str:
+    """A run's loss spikes in one line: how many, and the worst."""
+    divergence = record["divergence"]
+    worst = max(divergence["events"], key=lambda e: e["ratio"])
+    return (f"{divergence['spikes']} spike(s), worst at step {worst['peak_step']}: {worst['loss']} = "
+            f"{worst['value']:.4g}, {worst['ratio']:.1f}x its running median {worst['level']:.4g}")
+
+
 def fmt(value: float | None, spec: str = ".4g") -> str:
     return "" if value is None else format(value, spec)
 
@@ -263,9 +279,11 @@ def delta_text(report: TransferReport, norm: str, cell: Cell) -> str:
 def heat_map_text(report: TransferReport, norm: str, cell: Cell) -> str:
     if cell.mean is None:
         return cell.outcome_text() or "missing"
+    spikes = SPIKE_MARK if cell.spiked else ""
     if norm == report.reference:
-        return "reference"
-    return "n/a" if cell.relative_gain_pct is None else f"{cell.relative_gain_pct:+.1f}% {noise_mark(cell)}".strip()
+        return "reference" + spikes
+    return "n/a" if cell.relative_gain_pct is None else \
+        f"{cell.relative_gain_pct:+.1f}% {noise_mark(cell)}".strip() + spikes
 
 
 def mean_rank_text(report: TransferReport, norm: str) -> str:
@@ -278,7 +296,8 @@ def mean_rank_text(report: TransferReport, norm: str) -> str:
 def value_text(cell: Cell) -> str:
     if cell.mean is None:
         return cell.outcome_text() or "missing"
-    text = f"{cell.mean:.4g}" + (f" ± {cell.std:.2g}" if cell.std is not None else "") + f" (n={len(cell.values)})"
+    text = f"{cell.mean:.4g}" + (f" ± {cell.std:.2g}" if cell.std is not None else "") + f" (n={len(cell.values)})" \
+        + (f" {SPIKE_MARK}{len(cell.spiked)}" if cell.spiked else "")
     problems = ", ".join(f"{cell.outcomes[k]} {k}" for k in NOT_COMPLETED if cell.outcomes[k])
     return text + (f"; {problems}" if problems else "")
 
@@ -314,10 +333,16 @@ def markdown(report: TransferReport) -> str:
     lines += ["", f"Mean ± sample std over seeds (n = completed seeds of {len(report.seeds)}: "
                   f"{', '.join(map(str, report.seeds))}); rank 1 = best per task; Δ in the metric's units.",
               f"{NOISE_MARK}: |Δ| is smaller than the larger seed std of the two layers: noise, not transfer. "
-              f"{UNKNOWN_SPREAD_MARK}: fewer than two seeds on one side, the seed spread is unknown.", ""]
+              f"{UNKNOWN_SPREAD_MARK}: fewer than two seeds on one side, the seed spread is unknown. "
+              f"{SPIKE_MARK}n: n of the cell's runs had a training-loss spike (they diverged, and may have recovered): "
+              "their values are not those of smooth runs, see below.", ""]
     for task, runs in report.runs.items():
         lines.append(f"- {task}: {runs['steps']:.0f} steps, {runs['epochs']:.3g} epochs, "
                      f"{runs['wall_time_s']:.0f} s per completed run (mean)")
+    spiked = [(h.name, n, r) for n in report.norms for h in report.headlines for r in report.cell(n, h.name).spiked]
+    if spiked:
+        lines += ["", f"Runs with a training-loss spike ({SPIKE_MARK}):"]
+        lines += [f"- {task} / {norm} / seed {r.get('seed')}: {spike_text(r)} (`{r['_dir']}`)" for task, norm, r in spiked]
     if report.unfinished:
         lines += ["", "Runs that did not complete:"]
         lines += [f"- {column_name(report, r)} / {r['norm']['name']} / seed {r.get('seed')}: {unfinished_text(r)} "
@@ -330,7 +355,7 @@ def table_rows(report: TransferReport) -> tuple[list[str], list[list]]:
     columns = ["layer"]
     for h in report.headlines:
         columns += [f"{h.name}.{k}" for k in ("metric", "mode", "mean", "std", "n", "delta", "within_noise",
-                                                "relative_gain_pct", "rank", "outcomes")]
+                                                "relative_gain_pct", "rank", "outcomes", "spiked_runs")]
     columns += ["mean_rank", "tasks_ranked"]
     rows = []
     for norm in report.norms:
@@ -338,7 +363,7 @@ def table_rows(report: TransferReport) -> tuple[list[str], list[list]]:
         for h in report.headlines:
             c = report.cell(norm, h.name)
             row += [h.metric, h.mode, c.mean, c.std, len(c.values), c.delta, c.within_noise, c.relative_gain_pct,
-                    c.rank, c.outcome_text()]
+                    c.rank, c.outcome_text(), len(c.spiked)]
         rows.append(row + list(report.mean_rank(norm)))
     return columns, rows
 
@@ -393,7 +418,7 @@ def write_png(report: TransferReport, path: Path) -> None:
     top.colorbar(ScalarMappable(colour_scale, "RdYlGn"), ax=ax,
                  label=f"change vs {report.reference} (%, symlog), green = better")
     ax.set_title(f"Relative change vs {report.reference} per task ({NOISE_MARK} within seed spread: pale, "
-                 f"{UNKNOWN_SPREAD_MARK} one seed)")
+                 f"{UNKNOWN_SPREAD_MARK} one seed, {SPIKE_MARK} a run had a loss spike)")
     for ax, h in zip(np.atleast_1d(bottom.subplots(1, len(tasks))), tasks):
         cells = [report.cell(n, h.name) for n in norms]
         means = [c.mean if c.mean is not None else np.nan for c in cells]

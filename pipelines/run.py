@@ -22,8 +22,9 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from evonorm import norm_act_factory
-from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat
-from pipelines.checks import check_config, check_resume_dir, newest_checkpoint, previous_attempt, run_config
+from pipelines.callbacks import BestMetrics, CheckpointOnException, FiniteLossCheck, Heartbeat, LossSpikeMonitor
+from pipelines.checks import (ConfigError, check_config, check_resume_dir, newest_checkpoint, previous_attempt,
+                              run_config)
 from pipelines.jobs import (ddp_launch_state, end_ddp_job, multirun_job_num, multirun_job_overrides,
                             multirun_sweep_dir, relaunch_ddp_as_this_job)
 from pipelines.loggers import build_loggers, finish_wandb
@@ -55,7 +56,7 @@ def resolve_compile(cfg: DictConfig) -> bool:
         return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if isinstance(choice, bool):
         return choice
-    raise ValueError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
+    raise ConfigError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
 
 
 def nan_loss_remedies(cfg: DictConfig, automatic_optimization: bool) -> str:
@@ -97,12 +98,19 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, parts, with_logger: bool,
                                  mode=parts.mode, save_last=True, save_top_k=1, auto_insert_metric_name=False)
     crash = CheckpointOnException(ckpt_dir / "on_exception.ckpt")
     finite = FiniteLossCheck(nan_loss_remedies(cfg, parts.module.automatic_optimization))
-    callbacks = [best, checkpoint, crash, finite, Heartbeat(beat, cfg.heartbeat_s)]
+    spikes = LossSpikeMonitor(parts.watched_losses, **cfg.divergence)
+    callbacks = [best, checkpoint, crash, finite, spikes, Heartbeat(beat, cfg.heartbeat_s)]
     if with_logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(RichProgressBar())
     return best, checkpoint, crash, callbacks
+
+
+def divergence_summary(trainer) -> dict | None:
+    """The loss-spike record of this run so far (``LossSpikeMonitor.summary``), for ``results.json``."""
+    monitor = next((c for c in trainer.callbacks if isinstance(c, LossSpikeMonitor)), None)
+    return None if monitor is None else monitor.summary()
 
 
 def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> dict:
@@ -114,21 +122,21 @@ def check_checkpoint(ckpt_path: Path, cfg: DictConfig) -> dict:
     if owner is not None and "task" in owner and "norm" in owner:
         theirs, ours = (owner["task"], owner["norm"]["name"]), (cfg.task.name, cfg.norm.name)
         if theirs != ours:
-            raise ValueError(
+            raise ConfigError(
                 f"ckpt_path={ckpt_path} belongs to a run of task={theirs[0]} norm={theirs[1]} ({owner_dir}), not "
                 f"task={ours[0]} norm={ours[1]}: pass a checkpoint of a task={ours[0]} norm={ours[1]} run, or run "
                 f"task={theirs[0]} norm={theirs[1]} to go on with that one")
     if ckpt_path.is_dir():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a dir; give a checkpoint file (e.g. "
+        raise ConfigError(f"ckpt_path={ckpt_path} is a dir; give a checkpoint file (e.g. "
                                 f"{ckpt_path}/checkpoints/last.ckpt), or +resume=<run dir> to go on with a run")
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such file")
     try:
         return torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)  # mapped, not read: cheap
     except Exception as e:
         others = sorted((p for p in ckpt_path.parent.glob("*.ckpt") if p != ckpt_path), key=lambda p: p.stat().st_mtime)
         instead = f"ckpt_path={others[-1]}" if others else "ckpt_path=<another checkpoint>, or use a new output dir"
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {ckpt_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             f"): probably truncated, by a run killed while saving it. Delete it (a re-run into this dir then resumes "
             f"from the newest checkpoint left) or pass {instead}") from e
@@ -143,7 +151,7 @@ def check_checkpoint_fits(checkpoint: dict, ckpt_path: Path, module: pl.Lightnin
     stale = [k for k in checkpoint.get("state_dict", {}) if k.endswith(".v") and k not in own]
     if stale and checkpoint.get("optimizer_states"):
         owner = read_record(ckpt_path.parent.parent) or {}
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {ckpt_path} holds the unused v of {len(stale)} EvoNorm layer(s) without activation (e.g. "
             f"{stale[0]}), which this code no longer has: its optimizer state does not fit. Finish that run with the "
             f"code it began with (commit {owner.get('git_commit') or 'in its results.json'}), or train it again; its "
@@ -179,7 +187,8 @@ def run(cfg: DictConfig) -> dict:
         "status": "running", "task": cfg.task.name,
         "norm": {"name": cfg.norm.name, "kwargs": OmegaConf.to_container(cfg.norm.kwargs, resolve=True)},
         "model": None, "dataset": None, "seed": cfg.seed, "test": {}, "best_val": {}, "steps": 0, "epochs": 0,
-        "wall_time_s": None, "params": None, "compile": None, "compiled_modules": [], "git_commit": git_commit(),
+        "wall_time_s": None, "params": None, "divergence": None, "compile": None, "compiled_modules": [],
+        "git_commit": git_commit(),
         "output_dir": str(output_dir), "resumed_from": str(ckpt_path) if ckpt_path else None, "error": None,
         **process_identity(), "started_at": started, "heartbeat": started, "heartbeat_interval_s": cfg.heartbeat_s,
         "sweep_job": multirun_job_num(), "overrides": multirun_job_overrides(),
@@ -187,8 +196,9 @@ def run(cfg: DictConfig) -> dict:
         "config": config,
     }
 
-    def beat(trainer):  # what a SIGKILL leaves: how far the run got too
-        record.update(heartbeat=time.time(), steps=trainer.global_step, epochs=trainer.current_epoch)
+    def beat(trainer):  # what a SIGKILL leaves: how far the run got too, and how smoothly
+        record.update(heartbeat=time.time(), steps=trainer.global_step, epochs=trainer.current_epoch,
+                      divergence=divergence_summary(trainer))
         write_record(output_dir, record)
 
     write_record(output_dir, record)
@@ -196,8 +206,11 @@ def run(cfg: DictConfig) -> dict:
     try:
         checkpoint = check_checkpoint(Path(ckpt_path), cfg) if ckpt_path else None
         pl.seed_everything(cfg.seed, workers=True)
-        norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
-        parts = build_task(cfg.task.name, cfg.task, norm_act)
+        try:
+            norm_act = norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)
+            parts = build_task(cfg.task.name, cfg.task, norm_act)
+        except ValueError as e:  # a value the layer or the task refuses (their checks say which and why)
+            raise ConfigError(f"task={cfg.task.name} norm={cfg.norm.name} cannot be built from this config: {e}") from e
         record["compile"] = resolve_compile(cfg)
         if record["compile"]:
             record["compiled_modules"] = parts.compile()
@@ -229,11 +242,16 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         if trainer is not None:
-            record.update(steps=trainer.global_step, epochs=trainer.current_epoch)
+            record.update(steps=trainer.global_step, epochs=trainer.current_epoch,
+                          divergence=divergence_summary(trainer))
         record["wall_time_s"] = round(time.time() - started, 2)
         record["heartbeat"] = time.time()
         write_record(output_dir, record)
-        finish_wandb(exit_code)
+        spikes = (record.get("divergence") or {}).get("spikes")
+        if spikes:
+            log.warning("%d loss spike(s) in this run (divergence; see 'divergence' in %s): its result is not one "
+                        "of a smooth run", spikes, output_dir / RESULTS_FILE)
+        finish_wandb(exit_code, record.get("divergence"))
         end_ddp_job(trainer, launch_state)  # the next DDP job of a sweep in this process launches its ranks afresh
         log.info("%s: %s -> %s", record["status"], output_dir / RESULTS_FILE, record["test"] or record["error"])
     return record

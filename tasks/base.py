@@ -6,7 +6,7 @@ after testing (e.g. BigGAN's FID of the untrained generator).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
 
@@ -24,6 +24,9 @@ class TaskParts:
     # submodules of ``module`` (dotted names) that ``compile=true`` compiles: the parts with static, traceable
     # compute (not e.g. detection post-processing, whose shapes depend on the data)
     compile_targets: tuple[str, ...] = ()
+    # the training losses a spike in which is divergence (keys of the training step's output) -> the floor of their
+    # running level (pipelines.callbacks.LossSpikeMonitor): a loss near zero does not make small moves large ratios
+    watched_losses: dict[str, float] = field(default_factory=lambda: {"loss": 0.1})
 
     def compile(self) -> list[str]:
         """torch.compile the compile targets in place (``nn.Module.compile``): their state_dict keys stay those of

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from evonorm import NORM_ACT_NAMES, norm_act_factory
+from evonorm import NORM_ACT_LAYERS, norm_act_factory
 from tests.conftest import CONF_DIR, REPO_ROOT
 
 
@@ -17,7 +17,7 @@ def options(group: str) -> list[str]:
 
 
 def test_every_layer_name_has_a_norm_config():
-    assert options("norm") == sorted(NORM_ACT_NAMES)
+    assert options("norm") == sorted(NORM_ACT_LAYERS)
 
 
 @pytest.mark.parametrize("group", ["task", "norm", "trainer", "logger", "experiment"])
@@ -29,7 +29,11 @@ def test_every_option_composes(group, tmp_path):
         assert cfg.trainer.max_epochs == cfg.task.epochs
         if group == "norm":
             assert cfg.norm.name == option
-            norm_act_factory(cfg.norm.name, **cfg.norm.kwargs)(24)  # the kwargs are valid for the layer
+            kwargs = dict(cfg.norm.kwargs)
+            if option == "graph":  # its formula is the one value the file leaves to the command line
+                assert kwargs["graph"] is None
+                kwargs["graph"] = "x * sigmoid(v1 * x) / std_hwg(x)"
+            norm_act_factory(cfg.norm.name, **kwargs)(24)  # the kwargs are valid for the layer
 
 
 def test_experiment_states_deltas_only(tmp_path):
@@ -50,6 +54,7 @@ def test_readme_names_only_existing_keys(tmp_path):
     assert len(keys) > 20  # the pattern still finds them
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfgs = [compose("config", overrides=[f"task={task}", f"output_dir={tmp_path}"]) for task in options("task")]
+        cfgs.append(compose("config", overrides=["norm=graph", f"output_dir={tmp_path}"]))  # norm.kwargs.graph
     absent = object()
     assert [k for k in sorted(keys) if all(OmegaConf.select(c, k, default=absent) is absent for c in cfgs)] == []
 

@@ -20,7 +20,7 @@ from evonorm import NORM_ACT_NAMES
 import evonorm
 from pipelines.callbacks import FiniteLossCheck
 from pipelines.records import write_record
-from pipelines.checks import TOP_LEVEL_KEYS, RunDirConflict, check_config, newest_checkpoint, run_config
+from pipelines.checks import TOP_LEVEL_KEYS, ConfigError, RunDirConflict, check_config, newest_checkpoint, run_config
 from pipelines.run import describe_error, nan_loss_remedies, run
 from tests.conftest import CONF_DIR, REPO_ROOT, SMOKE_OVERRIDES
 
@@ -315,8 +315,8 @@ def test_a_checkpoint_with_the_unused_v_of_older_layers_is_refused_for_training_
 
 
 def test_a_checkpoint_dir_for_ckpt_path_says_what_to_give(compose_cfg, tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"ckpt_path={tmp_path} is a dir; give a checkpoint file .*"
-                                                "or \\+resume=<run dir>"):
+    with pytest.raises(ConfigError, match=f"ckpt_path={tmp_path} is a dir; give a checkpoint file .*"
+                                          "or \\+resume=<run dir>"):
         run(compose_cfg(f"ckpt_path={tmp_path}", output_dir=tmp_path / "run"))
 
 
@@ -418,3 +418,23 @@ def test_pipelines_import_no_circle():
 
     assert imports["run"] and imports["sweep"]  # the walk sees imports at all
     assert [m for m in modules if reaches(m, m)] == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.epochs=0"], "ConfigError: task.epochs=0 leaves nothing to train"),
+    (["task.data.root={tmp}/nowhere"], "DatasetError: Fashion-MNIST not found"),
+    (["norm.kwargs.momentum=2"], "ConfigError: task=classification norm=b0 cannot be built from this config: "
+                                 "momentum must be a number in [0, 1], got 2"),
+], ids=["config-value", "missing-dataset", "layer-option"])
+def test_a_refused_run_shows_its_message_without_a_traceback(overrides, message, tmp_path):
+    """An expected refusal prints its message alone (exit status 1); HYDRA_FULL_ERROR=1 brings the traceback back."""
+    command = [sys.executable, "run.py", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+               *(o.format(tmp=tmp_path) for o in overrides)]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    quiet = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 1 and message in quiet.stdout + quiet.stderr
+    assert "Traceback" not in quiet.stdout + quiet.stderr
+    if overrides == ["task.epochs=0"]:
+        full = subprocess.run(command, cwd=REPO_ROOT, env={**env, "HYDRA_FULL_ERROR": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert full.returncode != 0 and "Traceback" in full.stderr and message.split(": ", 1)[1] in full.stderr

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,13 +39,13 @@ def test_native_launches_over_fake_driver(tmp_path):
 
 
 def test_launch_mode_is_checked(monkeypatch):
-    if "EVONORM_TRITON_LAUNCH" not in os.environ:
-        assert not triton_native.enabled()  # python launches unless asked for
+    if "EVONORM_TRITON_LAUNCH" not in os.environ:  # auto: native launches for CUDA tensors, not for CPU ones
+        assert triton_native.enabled(SimpleNamespace(is_cuda=True)) and not triton_native.enabled(torch.zeros(1))
     with pytest.raises(ValueError, match="must be one of"):
         triton_native.set_launch("cpp")
     monkeypatch.setitem(triton_native._state, "mode", "nativ")
     with pytest.raises(ValueError, match="EVONORM_TRITON_LAUNCH"):
-        triton_native.enabled()
+        triton_native.enabled(torch.zeros(1))
 
 
 @pytest.mark.skipif(bool(FAKE) or torch.cuda.is_available(), reason="needs a process without a CUDA driver")
@@ -59,7 +60,7 @@ def test_native_launches_without_driver_warn_and_stay_off(tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING, logger="evonorm.triton_native"):
         got = triton_native.call(triton_native.BATCH, x, layer.weight, layer.bias, layer.v, layer.running_var, 0,
                                  layer.eps, layer.momentum, True)
-    assert got is None and not triton_native.enabled()
+    assert got is None and not triton_native.enabled(x)
     assert "native Triton launches failed" in caplog.text and "libcuda.so.1" in caplog.text
 
 
@@ -227,7 +228,7 @@ def test_fake_native_leaves_transforms_to_the_python_path(fake, native):
         torch.func.grad(lambda p: functional_call(layer, p, (x.detach(),)).sum())(params)
     with pytest.raises(RuntimeError, match="jvp"), fwAD.dual_level():
         layer(fwAD.make_dual(x.detach(), torch.ones_like(x)))
-    assert triton_native.enabled() and type(layer(x).grad_fn).__name__ == "CppFunction"
+    assert triton_native.enabled(x) and type(layer(x).grad_fn).__name__ == "CppFunction"
 
 
 @fake_only
@@ -249,5 +250,5 @@ def test_fake_native_refuses_kernels_that_declare_other_parameters(fake, native,
     with caplog.at_level(logging.WARNING, logger="evonorm.triton_native"):
         layer(x).sum().backward()
     assert "native Triton launches failed" in caplog.text and "bytes" in caplog.text
-    assert not triton_native.enabled() and triton_native.module().program_count() == 0
+    assert not triton_native.enabled(x) and triton_native.module().program_count() == 0
     assert not fused._triton_state["failed"] and triton_kernels.RECORDED is None

@@ -116,7 +116,8 @@ class BigGanModule(pl.LightningModule):
         self.update_ema()
         self.log_dict({"train/loss_d": loss_d.detach(), "train/loss_d_real": loss_real.detach(),
                        "train/loss_d_fake": loss_fake.detach(), "train/loss_g": loss_g.detach()}, prog_bar=True)
-        return (loss_d + loss_g).detach()  # FiniteLossCheck stops the run at a NaN / Inf in either loss
+        # FiniteLossCheck stops the run at a NaN / Inf in either loss; LossSpikeMonitor watches each
+        return {"loss": (loss_d + loss_g).detach(), "loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
 
     @torch.no_grad()
     def update_ema(self):

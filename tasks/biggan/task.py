@@ -30,5 +30,8 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
                           grid_batch_size=cfg.data.eval_batch_size, **OmegaConf.to_container(optim, resolve=True))
     # compile=true: the Gs. Not D: called on the real and the fake batch before one backward, its spectral norms
     # fail compiled ("modified by an inplace operation" on the power-iteration vector; eager clones it)
+    # divergence: either hinge loss far above its recent level; floors at 1 (the margin), as D's loss may sit near 0
+    # and G's cross it while training goes well
     return TaskParts(module, data, model=f"biggan{model.resolution}", dataset=cfg.data.name, monitor="val/fid_ema",
-                     mode="min", compile_targets=("generator", "generator_ema"))
+                     mode="min", compile_targets=("generator", "generator_ema"),
+                     watched_losses={"loss_d": 1.0, "loss_g": 1.0})

@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from evonorm import param_groups_weight_decay
+from tasks.common.optim import clip_gradients
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -23,7 +24,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 class ClassificationModule(pl.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int, lr: float = 0.1, momentum: float = 0.9,
                  nesterov: bool = True, weight_decay: float = 5e-4, warmup_epochs: float = 0.5,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, clip_grad_norm: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -56,6 +57,9 @@ class ClassificationModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip_gradients(self, optimizer, self.hparams.clip_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -39,7 +39,10 @@ DETECTOR_KWARGS = tuple(p for p in inspect.signature(MaskRCNN).parameters
                         if p.startswith(("image_", "rpn_", "box_", "bbox_"))
                         and p not in ("rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor"))
 STANDARD_BACKBONE_NORM = "gn_relu"
-BATCH_STATS = (evonorm.EvoNormB0, evonorm.EvoNormB1, evonorm.EvoNormB2, nn.modules.batchnorm._BatchNorm)
+# layers whose running statistics freeze_norm_stats keeps fixed (a graph layer without batch aggregations: eval() is a
+# no-op there)
+BATCH_STATS = (evonorm.EvoNormB0, evonorm.EvoNormB1, evonorm.EvoNormB2, evonorm.GraphNormAct,
+               nn.modules.batchnorm._BatchNorm)
 DETECTION_BACKBONES = ("preact_resnet18", "preact_resnet50")
 
 

@@ -14,6 +14,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make
 
 from evonorm import param_groups_weight_decay
 from tasks.common.images import save_and_log_image, with_caption
+from tasks.common.optim import clip_gradients
 
 from .evaluation import MASK_THRESHOLD, coco_ap, to_coco_results
 from .model import BATCH_STATS
@@ -68,10 +69,7 @@ class MaskRCNNModule(pl.LightningModule):
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val or self.hparams.clip_grad_norm  # trainer.gradient_clip_val wins when given
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm
-                                or "norm")
+        clip_gradients(self, optimizer, self.hparams.clip_grad_norm, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -12,6 +12,8 @@ from typing import Callable
 import pytorch_lightning as pl
 import torch
 
+from tasks.base import WatchedLoss
+
 
 log = logging.getLogger(__name__)
 
@@ -39,43 +41,40 @@ class FiniteLossCheck(pl.Callback):
 class LossSpikeMonitor(pl.Callback):
     """Puts divergence on the record: a training loss far above its recent level is a spike.
 
-    Rule, per watched loss (``losses``: the key of the training step's output -> its floor): the spike ratio of a step
-    is ``|loss| / max(|level|, floor)``, where ``level`` is the median of the loss over the previous ``window`` steps
-    (a median: one bad step does not move it). The ratio is defined once ``min_history`` steps are in the window; a
-    step whose ratio exceeds ``factor`` is a spike. The floor keeps a loss near zero (a GAN discriminator that wins
-    for a while) from turning small absolute changes into large ratios. Consecutive spiking steps are one event,
-    logged as a warning when it starts; ``summary()`` (for ``results.json``) lists the events and the worst ratio of
-    the run, spike or not, which says how close a run came. Each step's ratios are logged as
-    ``divergence/<loss>_ratio`` (wandb, csv). The events survive a resume (checkpointed state).
+    Rule, per watched loss (``losses``: a key of the training step's output -> its ``WatchedLoss``): a step's value is
+    the loss, or its mean over the last ``smooth`` steps; the spike ratio of a step is ``|value| / max(|level|,
+    floor)``, where ``level`` is the median of the values of the previous ``window`` steps (a median: one bad step
+    does not move it). The ratio is defined once ``min_history`` steps are in the window; a step whose ratio exceeds
+    ``factor`` is a spike. The floor keeps a loss near zero (a GAN discriminator that wins for a while) from turning
+    small absolute changes into large ratios. Consecutive spiking steps are one event, logged as a warning when it
+    starts; ``summary()`` (for ``results.json``) lists the events and the worst ratio of the run, spike or not, which
+    says how close a run came. Each step's ratios are logged as ``divergence/<loss>_ratio`` (wandb, csv). The events
+    survive a resume (checkpointed state).
     """
 
-    def __init__(self, losses: dict[str, float], factor: float = 4.0, window: int = 50, min_history: int = 20):
+    def __init__(self, losses: dict[str, WatchedLoss], factor: float = 2.0, window: int = 50, min_history: int = 20):
         if factor <= 1 or min_history < 1 or window < min_history:
             raise ValueError(f"divergence: need factor > 1 and window >= min_history >= 1, got factor={factor}, "
                              f"window={window}, min_history={min_history}")
         self.losses, self.factor, self.window, self.min_history = dict(losses), factor, window, min_history
         self.history = {key: deque(maxlen=window) for key in self.losses}
+        self.recent = {key: deque(maxlen=watched.smooth) for key, watched in self.losses.items()}
         self.events: list[dict] = []
         self.worst: dict | None = None  # the step with the highest ratio
         self.open: dict[str, dict] = {}  # key -> the event that the previous step belongs to
 
-    def ratio(self, key: str, value: float) -> tuple[float, float] | None:
-        """(ratio, level) of ``value`` against the window of ``key``, None while the window is too short."""
-        history = self.history[key]
-        if len(history) < self.min_history:
-            return None
-        level = statistics.median(history)
-        return abs(value) / max(abs(level), self.losses[key]), level
-
-    def observe(self, step: int, key: str, value: float) -> float | None:
+    def observe(self, step: int, key: str, loss: float) -> float | None:
         """Take one step's loss; its ratio (None while the window fills). Non-finite values are FiniteLossCheck's."""
-        if not math.isfinite(value):
+        if not math.isfinite(loss):
             return None
-        found = self.ratio(key, value)
-        self.history[key].append(value)
-        if found is None:
+        recent, history = self.recent[key], self.history[key]
+        recent.append(loss)
+        value = statistics.fmean(recent)
+        level = statistics.median(history) if len(history) >= self.min_history else None
+        history.append(value)
+        if level is None:
             return None
-        ratio, level = found
+        ratio = abs(value) / max(abs(level), self.losses[key].floor)
         if self.worst is None or ratio > self.worst["ratio"]:
             self.worst = {"loss": key, "step": step, "value": value, "level": level, "ratio": ratio}
         event = self.open.get(key)
@@ -92,7 +91,7 @@ class LossSpikeMonitor(pl.Callback):
             self.open[key] = event
             log.warning("loss spike at step %d: %s = %.4g, %.1fx its running median %.4g over the last %d steps "
                         "(a spike: above %gx; the run goes on and its record says so)", step, key, value, ratio,
-                        level, len(self.history[key]) - 1, self.factor)
+                        level, len(history) - 1, self.factor)
         return ratio
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -109,18 +108,20 @@ class LossSpikeMonitor(pl.Callback):
             pl_module.log_dict(ratios, on_step=True, on_epoch=False)
 
     def summary(self) -> dict:
+        watched = ", ".join(f"{k} (floor {w.floor}" + (f", mean of {w.smooth} steps)" if w.smooth > 1 else ")")
+                            for k, w in self.losses.items())
         return {"spikes": len(self.events), "events": self.events, "worst": self.worst,
-                "rule": f"|loss| > {self.factor}x max(median of the previous {self.window} steps, floor); floors "
-                        + ", ".join(f"{k} {v}" for k, v in self.losses.items())}
+                "rule": f"|loss| > {self.factor}x max(median of the previous {self.window} steps, floor): {watched}"}
 
     def state_dict(self):
-        return {"history": {k: list(v) for k, v in self.history.items()}, "events": self.events,
-                "worst": self.worst}
+        return {"history": {k: list(v) for k, v in self.history.items()},
+                "recent": {k: list(v) for k, v in self.recent.items()}, "events": self.events, "worst": self.worst}
 
     def load_state_dict(self, state_dict):
-        for key, values in state_dict["history"].items():
-            if key in self.history:
-                self.history[key].extend(values)
+        for name in ("history", "recent"):
+            for key, values in state_dict.get(name, {}).items():
+                if key in self.losses:
+                    getattr(self, name)[key].extend(values)
         self.events, self.worst = state_dict["events"], state_dict["worst"]
 
 

@@ -74,7 +74,7 @@ def nan_loss_remedies(cfg: DictConfig, automatic_optimization: bool) -> str:
         "trainer.gradient_clip_val" if automatic_optimization else None
     if clip_key:
         clip = OmegaConf.select(cfg, clip_key)
-        remedies.append(f"gradient clipping ({clip_key}=1.0{f', now {clip}' if clip else ''})")
+        remedies.append(f"gradient clipping ({clip_key}={clip / 2 if clip else 1.0}{f', now {clip}' if clip else ''})")
     if not str(cfg.trainer.get("precision", "32")).startswith(("32", "64")):
         remedies.append("fp32 precision (trainer.precision=32-true)")
     return "Try " + ", ".join(remedies) if remedies else "Check the task's loss and learning rates"

@@ -13,6 +13,13 @@ import pytorch_lightning as pl
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class WatchedLoss:
+    """How a training loss is watched for divergence (pipelines.callbacks.LossSpikeMonitor)."""
+    floor: float = 0.1  # lower bound of its running level: near zero, small moves do not make large ratios
+    smooth: int = 1  # judge the mean of the last this-many steps (a GAN's losses swing from step to step by design)
+
+
 @dataclass
 class TaskParts:
     module: pl.LightningModule
@@ -24,9 +31,8 @@ class TaskParts:
     # submodules of ``module`` (dotted names) that ``compile=true`` compiles: the parts with static, traceable
     # compute (not e.g. detection post-processing, whose shapes depend on the data)
     compile_targets: tuple[str, ...] = ()
-    # the training losses a spike in which is divergence (keys of the training step's output) -> the floor of their
-    # running level (pipelines.callbacks.LossSpikeMonitor): a loss near zero does not make small moves large ratios
-    watched_losses: dict[str, float] = field(default_factory=lambda: {"loss": 0.1})
+    # the training losses (keys of the training step's output) a spike in which is divergence, and how to watch each
+    watched_losses: dict[str, WatchedLoss] = field(default_factory=lambda: {"loss": WatchedLoss()})
 
     def compile(self) -> list[str]:
         """torch.compile the compile targets in place (``nn.Module.compile``): their state_dict keys stay those of

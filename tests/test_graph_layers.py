@@ -564,8 +564,10 @@ def test_pipeline_runs_norm_graph(compose_cfg, tmp_path):
 
 def test_pipeline_refuses_a_formula_that_does_not_parse(compose_cfg, tmp_path):
     from pipelines.run import run
-    with pytest.raises(ParseError, match="column 21: expected an operand"):
+    from pipelines.checks import ConfigError
+    with pytest.raises(ConfigError, match="column 21: expected an operand") as refused:
         run(compose_cfg("norm=graph", "norm.kwargs.graph='x / max(std_nhw(x), )'"))
+    assert isinstance(refused.value.__cause__, ParseError)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "failed" and "column 21" in saved["error"] and saved["steps"] == 0
     assert not (tmp_path / "checkpoints").exists()

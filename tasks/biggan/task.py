@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.base import TaskParts
+from tasks.base import TaskParts, WatchedLoss
 from tasks.common.checks import require_positive
 
 from .data import GanData
@@ -30,8 +30,10 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
                           grid_batch_size=cfg.data.eval_batch_size, **OmegaConf.to_container(optim, resolve=True))
     # compile=true: the Gs. Not D: called on the real and the fake batch before one backward, its spectral norms
     # fail compiled ("modified by an inplace operation" on the power-iteration vector; eager clones it)
-    # divergence: either hinge loss far above its recent level; floors at 1 (the margin), as D's loss may sit near 0
-    # and G's cross it while training goes well
+    # divergence: either hinge loss, as a mean over 10 steps (D and G take turns winning: single steps swing several
+    # times the level in a smooth run), far above its recent level; floors at 1, the hinge margin, as D's loss may sit
+    # near 0 and G's cross it while training goes well
+    watched = WatchedLoss(floor=1.0, smooth=10)
     return TaskParts(module, data, model=f"biggan{model.resolution}", dataset=cfg.data.name, monitor="val/fid_ema",
                      mode="min", compile_targets=("generator", "generator_ema"),
-                     watched_losses={"loss_d": 1.0, "loss_g": 1.0})
+                     watched_losses={"loss_d": watched, "loss_g": watched})

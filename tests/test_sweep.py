@@ -108,7 +108,8 @@ def test_transfer_sweep_report_failures_and_rerun(tmp_path):
     assert "| not_a_layer | 1 failed |" in report
     # under the table: where each failed run is, and why
     failed_dir = next(sweep_dir.glob("*-classification-not_a_layer-s0"))
-    assert "- classification / not_a_layer / seed 0: failed: ValueError: unknown" in report
+    assert "- classification / not_a_layer / seed 0: failed: ConfigError: task=classification norm=not_a_layer " \
+        "cannot be built from this config: unknown" in report
     assert f"(`{failed_dir}`)" in report
 
     second = sweep(tmp_path, f"+resume={sweep_dir}")

@@ -4,8 +4,11 @@
 
 Writes ``transfer.md``, ``transfer.csv`` and ``transfer.png`` (also at the end of every multirun, see
 pipelines/sweep.py). A task's headline is ``test/<its monitor without "val/">`` (top-1, mask AP, FID, ...) with the
-task's mode (higher or lower is better), read from the records, so a new task needs nothing here. The newest
-record wins per task, layer and seed; failed, dead (killed), running and missing runs are shown, never dropped.
+task's mode (higher or lower is better), read from the records, so a new task needs nothing here. Architecture is a
+dimension: a task whose records ran several architectures (``task.model.arch=a,b``, and its ``task.model.kwargs``)
+gets a column per architecture ("classification @ torchvision:mobilenet_v2"), each ranked on its own, so one table
+says which layer wins on which network. The newest record wins per task, architecture, layer and seed; failed, dead
+(killed), running and missing runs are shown, never dropped.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from pipelines.records import RESULTS_FILE, config_changes, describe_changes, effective_status, read_record
 from tasks.common.checks import first_of
+from tasks.common.library_models import model_name
 
 log = logging.getLogger(__name__)
 NOT_COMPLETED = ("failed", "dead", "running", "missing", "no metric", "non-finite")
@@ -32,9 +36,16 @@ NOISE_WASH = 0.7  # how far a within-noise cell's colour is blended to white: a 
 
 @dataclass
 class Headline:
+    """A column of the report: a task (on one architecture, where its records ran several)."""
     task: str
     metric: str | None  # e.g. test/acc1; None when no record of the task names its monitor
     mode: str = "max"
+    arch: str | None = None  # task.model.arch (with its kwargs) of the column's records
+    several_archs: bool = False  # the task has a column per architecture: the name says which
+
+    @property
+    def name(self) -> str:
+        return f"{self.task} @ {self.arch}" if self.several_archs else self.task
 
     @property
     def direction(self) -> str:
@@ -68,27 +79,36 @@ class Cell:
 class TransferReport:
     headlines: list[Headline]
     norms: list[str]
-    cells: dict[tuple[str, str], Cell]  # (norm, task)
+    cells: dict[tuple[str, str], Cell]  # (norm, column name)
     reference: str
     seeds: list
     messages: list[str]
-    runs: dict[str, dict]  # task -> mean steps, epochs, wall time of its completed runs
+    runs: dict[str, dict]  # column name -> mean steps, epochs, wall time of its completed runs
     unfinished: list[dict]  # the records of failed, dead and running runs, in grid order
 
-    def cell(self, norm: str, task: str) -> Cell:
-        return self.cells[(norm, task)]
+    def cell(self, norm: str, column: str) -> Cell:
+        """The cell of a layer in a column (a task's name, or "<task> @ <arch>" where it ran several)."""
+        return self.cells[(norm, column)]
 
     def mean_rank(self, norm: str) -> tuple[float | None, int]:
-        ranks = [self.cell(norm, h.task).rank for h in self.headlines if self.cell(norm, h.task).rank is not None]
+        ranks = [self.cell(norm, h.name).rank for h in self.headlines if self.cell(norm, h.name).rank is not None]
         return (statistics.fmean(ranks) if ranks else None), len(ranks)
 
     def unfinished_count(self) -> int:
         return sum(c.outcomes[k] for c in self.cells.values() for k in NOT_COMPLETED)
 
 
+def architecture(record: dict) -> str | None:
+    """The architecture a record's config asked for (``task.model.arch`` with its ``kwargs``; None for a task
+    without one, or a record without its config): known also for a run that failed before building its model."""
+    model = ((record.get("config") or {}).get("task") or {}).get("model") or {}
+    return model_name(model["arch"], model.get("kwargs")) if "arch" in model else None
+
+
 def collect_records(dirs: list[Path]) -> list[dict]:
-    """Every record under ``dirs``, the newest per (task, layer, seed), with its effective status; each lists in
-    ``_superseded`` the older records of its key that ran another configuration (a sweep over another key)."""
+    """Every record under ``dirs``, the newest per (task, architecture, layer, seed), with its effective status;
+    each lists in ``_superseded`` the older records of its key that ran another configuration (a sweep over another
+    key)."""
     by_key: dict[tuple, list[dict]] = {}
     for root in dirs:
         if not Path(root).is_dir():
@@ -100,7 +120,9 @@ def collect_records(dirs: list[Path]) -> list[dict]:
             record["_status"] = effective_status(record)
             record["_dir"] = str(path.parent)
             record["_time"] = record.get("started_at") or path.stat().st_mtime
-            by_key.setdefault((record["task"], record["norm"]["name"], record.get("seed")), []).append(record)
+            record["_arch"] = architecture(record)
+            key = (record["task"], record["_arch"], record["norm"]["name"], record.get("seed"))
+            by_key.setdefault(key, []).append(record)
     newest = []
     for records in by_key.values():
         *older, latest = sorted(records, key=lambda r: r["_time"])  # stable: of equal times, the later path
@@ -120,9 +142,10 @@ def superseded_note(records: list[dict]) -> str | None:
                 for latest in records for r, changed in latest["_superseded"]]
     if not left_out:
         return None
-    return (f"{len(left_out)} record(s) left out for a newer one of the same task, layer and seed that ran another "
-            f"configuration: {first_of(left_out, sep='; ')}. The table has a row per layer: to compare the values of "
-            "another key, report each value's runs apart (python -m pipelines.report <their run dirs>)")
+    return (f"{len(left_out)} record(s) left out for a newer one of the same task, architecture, layer and seed "
+            f"that ran another configuration: {first_of(left_out, sep='; ')}. The table has a row per layer and a "
+            "column per task and architecture: to compare the values of another key, report each value's runs apart "
+            "(python -m pipelines.report <their run dirs>)")
 
 
 def in_order_of_first_run(records: list[dict], key) -> list[str]:
@@ -135,12 +158,19 @@ def in_order_of_first_run(records: list[dict], key) -> list[str]:
     return sorted(first, key=first.get)
 
 
-def task_headline(task: str, records: list[dict]) -> Headline:
-    named = [r for r in records if r["task"] == task and r.get("monitor")]
-    if not named:
-        return Headline(task, None)
-    latest = max(named, key=lambda r: r["_time"])
-    return Headline(task, "test/" + latest["monitor"].removeprefix("val/"), latest.get("mode") or "max")
+def report_columns(records: list[dict]) -> list[Headline]:
+    """A column per task, in grid order, or per task and architecture where the task's records ran several."""
+    tasks = in_order_of_first_run(records, lambda r: r["task"])
+    archs = in_order_of_first_run(records, lambda r: (r["task"], r["_arch"]))
+    headlines = []
+    for task in tasks:
+        named = [r for r in records if r["task"] == task and r.get("monitor")]
+        latest = max(named, key=lambda r: r["_time"]) if named else None
+        metric = "test/" + latest["monitor"].removeprefix("val/") if latest else None
+        mode = (latest.get("mode") if latest else None) or "max"
+        task_archs = [arch for t, arch in archs if t == task]
+        headlines += [Headline(task, metric, mode, arch, len(task_archs) > 1) for arch in task_archs]
+    return headlines
 
 
 def rank_cells(cells: list[Cell], mode: str) -> None:
@@ -161,22 +191,21 @@ def compare_to_reference(cell: Cell, ref: Cell, mode: str) -> None:
 
 
 def build_report(records: list[dict], reference: str = "bn_relu") -> TransferReport:
-    tasks = in_order_of_first_run(records, lambda r: r["task"])
     norms = sorted(in_order_of_first_run(records, lambda r: r["norm"]["name"]), key=lambda n: n != reference)
     seeds = sorted({r.get("seed") for r in records}, key=str)
-    headlines = [task_headline(t, records) for t in tasks]
-    cells = {(n, t): Cell() for n in norms for t in tasks}
-    by_key = {(r["norm"]["name"], r["task"], r.get("seed")): r for r in records}
+    headlines = report_columns(records)
+    cells = {(n, h.name): Cell() for n in norms for h in headlines}
+    by_key = {(r["norm"]["name"], r["task"], r["_arch"], r.get("seed")): r for r in records}
     messages = []
     for h in headlines:
         if h.metric is None:
-            messages.append(f"task {h.task}: no record names its monitor metric (every run failed before its task "
+            messages.append(f"task {h.name}: no record names its monitor metric (every run failed before its task "
                             "was built, or records from before monitor/mode were recorded), so it has no headline; "
                             "see the runs that did not complete, or re-run it with the current code")
         for n in norms:
-            cell = cells[(n, h.task)]
+            cell = cells[(n, h.name)]
             for seed in seeds:
-                record = by_key.get((n, h.task, seed))
+                record = by_key.get((n, h.task, h.arch, seed))
                 if record is None:
                     cell.outcomes["missing"] += 1
                 elif record["_status"] != "completed":
@@ -190,34 +219,34 @@ def build_report(records: list[dict], reference: str = "bn_relu") -> TransferRep
                     cell.values.append(float(record["test"][h.metric]))
                     if spike_count(record):
                         cell.spiked.append(record)
-        column = [cells[(n, h.task)] for n in norms]
+        column = [cells[(n, h.name)] for n in norms]
         rank_cells(column, h.mode)
         if reference in norms:
             for cell in column:
-                compare_to_reference(cell, cells[(reference, h.task)], h.mode)
-    with_values = [n for n in norms if any(cells[(n, t)].values for t in tasks)]
+                compare_to_reference(cell, cells[(reference, h.name)], h.mode)
+    with_values = [n for n in norms if any(cells[(n, h.name)].values for h in headlines)]
     if reference not in with_values:
         messages.append(f"reference layer {reference!r} has no completed run here, so there are no differences "
                         f"to it; layers with results: {', '.join(with_values) or 'none'}. Pick one with "
                         "--reference <layer> (or report.reference=<layer> in a sweep)")
     else:
-        messages += [f"task {h.task}: the reference {reference!r} has no completed run, no differences shown"
-                     for h in headlines if h.metric and not cells[(reference, h.task)].values]
+        messages += [f"task {h.name}: the reference {reference!r} has no completed run, no differences shown"
+                     for h in headlines if h.metric and not cells[(reference, h.name)].values]
     messages += filter(None, [superseded_note(records)])
     unfinished = sorted((r for r in records if r["_status"] != "completed"),
                         key=lambda r: (float("inf") if r.get("sweep_job") is None else r["sweep_job"], r["_time"]))
-    return TransferReport(headlines, norms, cells, reference, seeds, messages, runs_summary(records, tasks),
+    return TransferReport(headlines, norms, cells, reference, seeds, messages, runs_summary(records, headlines),
                           unfinished)
 
 
-def runs_summary(records: list[dict], tasks: list[str]) -> dict[str, dict]:
-    """The budget each task had, as run: mean steps, epochs and wall time of its completed records."""
+def runs_summary(records: list[dict], headlines: list[Headline]) -> dict[str, dict]:
+    """The budget each column had, as run: mean steps, epochs and wall time of its completed records."""
     summary = {}
-    for task in tasks:
-        done = [r for r in records if r["task"] == task and r["_status"] == "completed"]
+    for h in headlines:
+        done = [r for r in records if (r["task"], r["_arch"]) == (h.task, h.arch) and r["_status"] == "completed"]
         if done:
-            summary[task] = {k: statistics.fmean(float(r.get(k) or 0) for r in done)
-                             for k in ("steps", "epochs", "wall_time_s")}
+            summary[h.name] = {k: statistics.fmean(float(r.get(k) or 0) for r in done)
+                               for k in ("steps", "epochs", "wall_time_s")}
     return summary
 
 
@@ -261,7 +290,7 @@ def mean_rank_text(report: TransferReport, norm: str) -> str:
     mean_rank, ranked = report.mean_rank(norm)
     if mean_rank is None:
         return ""
-    return f"{mean_rank:.2f}" + ("" if ranked == len(report.headlines) else f" ({ranked} tasks)")
+    return f"{mean_rank:.2f}" + ("" if ranked == len(report.headlines) else f" ({ranked} columns)")
 
 
 def value_text(cell: Cell) -> str:
@@ -271,6 +300,10 @@ def value_text(cell: Cell) -> str:
         + (f" {SPIKE_MARK}{len(cell.spiked)}" if cell.spiked else "")
     problems = ", ".join(f"{cell.outcomes[k]} {k}" for k in NOT_COMPLETED if cell.outcomes[k])
     return text + (f"; {problems}" if problems else "")
+
+
+def column_name(report: TransferReport, record: dict) -> str:
+    return next(h.name for h in report.headlines if (h.task, h.arch) == (record["task"], record["_arch"]))
 
 
 def unfinished_text(record: dict) -> str:
@@ -287,13 +320,13 @@ def unfinished_text(record: dict) -> str:
 def markdown(report: TransferReport) -> str:
     header = ["layer"]
     for h in report.headlines:
-        header += [f"{h.task}: {h.metric or 'no headline'} ({h.direction})", f"Δ vs {report.reference}", "rank"]
+        header += [f"{h.name}: {h.metric or 'no headline'} ({h.direction})", f"Δ vs {report.reference}", "rank"]
     header.append("mean rank")
     lines = ["# Transfer report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for norm in report.norms:
         row = [norm]
         for h in report.headlines:
-            cell = report.cell(norm, h.task)
+            cell = report.cell(norm, h.name)
             row += [value_text(cell), delta_text(report, norm, cell), fmt(cell.rank, "d")]
         row.append(mean_rank_text(report, norm))
         lines.append("| " + " | ".join(row) + " |")
@@ -306,14 +339,14 @@ def markdown(report: TransferReport) -> str:
     for task, runs in report.runs.items():
         lines.append(f"- {task}: {runs['steps']:.0f} steps, {runs['epochs']:.3g} epochs, "
                      f"{runs['wall_time_s']:.0f} s per completed run (mean)")
-    spiked = [(h.task, n, r) for n in report.norms for h in report.headlines for r in report.cell(n, h.task).spiked]
+    spiked = [(h.name, n, r) for n in report.norms for h in report.headlines for r in report.cell(n, h.name).spiked]
     if spiked:
         lines += ["", f"Runs with a training-loss spike ({SPIKE_MARK}):"]
         lines += [f"- {task} / {norm} / seed {r.get('seed')}: {spike_text(r)} (`{r['_dir']}`)" for task, norm, r in spiked]
     if report.unfinished:
         lines += ["", "Runs that did not complete:"]
-        lines += [f"- {r['task']} / {r['norm']['name']} / seed {r.get('seed')}: {unfinished_text(r)} (`{r['_dir']}`)"
-                  for r in report.unfinished]
+        lines += [f"- {column_name(report, r)} / {r['norm']['name']} / seed {r.get('seed')}: {unfinished_text(r)} "
+                  f"(`{r['_dir']}`)" for r in report.unfinished]
     lines += [f"\n**Note:** {m}" for m in report.messages]
     return "\n".join(lines) + "\n"
 
@@ -321,14 +354,14 @@ def markdown(report: TransferReport) -> str:
 def table_rows(report: TransferReport) -> tuple[list[str], list[list]]:
     columns = ["layer"]
     for h in report.headlines:
-        columns += [f"{h.task}.{k}" for k in ("metric", "mode", "mean", "std", "n", "delta", "within_noise",
+        columns += [f"{h.name}.{k}" for k in ("metric", "mode", "mean", "std", "n", "delta", "within_noise",
                                                 "relative_gain_pct", "rank", "outcomes", "spiked_runs")]
     columns += ["mean_rank", "tasks_ranked"]
     rows = []
     for norm in report.norms:
         row = [norm]
         for h in report.headlines:
-            c = report.cell(norm, h.task)
+            c = report.cell(norm, h.name)
             row += [h.metric, h.mode, c.mean, c.std, len(c.values), c.delta, c.within_noise, c.relative_gain_pct,
                     c.rank, c.outcome_text(), len(c.spiked)]
         rows.append(row + list(report.mean_rank(norm)))
@@ -350,7 +383,7 @@ def heat_map_colours(report: TransferReport):
     import numpy as np
     from matplotlib.colors import SymLogNorm
 
-    cells = [[report.cell(n, h.task) for h in report.headlines] for n in report.norms]
+    cells = [[report.cell(n, h.name) for h in report.headlines] for n in report.norms]
     gains = np.array([[c.relative_gain_pct for c in row] for row in cells], dtype=float)
     limit = max(1.0, float(np.nanmax(np.abs(gains))) if np.isfinite(gains).any() else 1.0)
     # symmetric log colour scale: a 0.5% change in top-1 stays visible beside a 20% change in FID
@@ -375,19 +408,19 @@ def write_png(report: TransferReport, path: Path) -> None:
     rgba, colour_scale = heat_map_colours(report)
     ax = top.subplots()
     ax.imshow(rgba, aspect="auto")
-    ax.set_xticks(range(len(tasks)), [f"{h.task}\n{h.metric or 'no headline'} ({h.direction})" for h in tasks])
+    ax.set_xticks(range(len(tasks)), [f"{h.name}\n{h.metric or 'no headline'} ({h.direction})" for h in tasks])
     ax.set_yticks(range(len(norms)), norms)
     for i, norm in enumerate(norms):
         for j, h in enumerate(tasks):
             dark = rgba[i, j, :3].mean() < 0.45
-            ax.text(j, i, heat_map_text(report, norm, report.cell(norm, h.task)), ha="center", va="center",
+            ax.text(j, i, heat_map_text(report, norm, report.cell(norm, h.name)), ha="center", va="center",
                     fontsize=9, color="white" if dark else "black")
     top.colorbar(ScalarMappable(colour_scale, "RdYlGn"), ax=ax,
                  label=f"change vs {report.reference} (%, symlog), green = better")
     ax.set_title(f"Relative change vs {report.reference} per task ({NOISE_MARK} within seed spread: pale, "
                  f"{UNKNOWN_SPREAD_MARK} one seed, {SPIKE_MARK} a run had a loss spike)")
     for ax, h in zip(np.atleast_1d(bottom.subplots(1, len(tasks))), tasks):
-        cells = [report.cell(n, h.task) for n in norms]
+        cells = [report.cell(n, h.name) for n in norms]
         means = [c.mean if c.mean is not None else np.nan for c in cells]
         errors = [c.std or 0.0 for c in cells]
         colors = ["0.55" if n == report.reference else "tab:blue" for n in norms]
@@ -402,7 +435,7 @@ def write_png(report: TransferReport, path: Path) -> None:
                 ax.text(x, 0.02, cell.outcome_text() or "missing", rotation=90, ha="center", va="bottom",
                         transform=ax.get_xaxis_transform(), fontsize=8, color="tab:red")
         ax.set_xticks(range(len(norms)), norms, rotation=30)
-        ax.set_title(f"{h.task}: {h.metric or 'no headline'}\n({h.direction}; mean ± std over seeds)", fontsize=9)
+        ax.set_title(f"{h.name}: {h.metric or 'no headline'}\n({h.direction}; mean ± std over seeds)", fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

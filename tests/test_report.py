@@ -186,3 +186,28 @@ def test_three_tasks_picture_and_missing_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):  # over several sweeps, the first one's own report would be replaced
         main([str(tmp_path), str(tmp_path / "empty")])
     assert "several dirs: give --out DIR" in capsys.readouterr().err
+
+
+def test_architectures_are_columns_ranked_on_their_own(tmp_path):
+    """task.model.arch=a,b: a column per task and architecture (with its kwargs), not superseded records."""
+    values = {("torchvision:mobilenet_v2", "bn_relu"): 0.80, ("torchvision:mobilenet_v2", "s0"): 0.85,
+              ("timm:efficientnet_b0", "bn_relu"): 0.90, ("timm:efficientnet_b0", "s0"): 0.70}
+    for i, ((arch, norm), value) in enumerate(values.items()):
+        write_run(tmp_path, f"{i}", "classification", norm, 0, value, sweep_job=i,
+                  config={"task": {"model": {"arch": arch, "kwargs": {"width_mult": 0.5} if i < 2 else None}}})
+    write_run(tmp_path, "m", "maskrcnn", "s0", 0, 0.2, headline=("val/segm_AP", "max"),
+              config={"task": {"model": {"arch": "preact_resnet18", "kwargs": None}}})
+    report = write_report([tmp_path], tmp_path)
+    names = [h.name for h in report.headlines]
+    assert names == ["classification @ torchvision:mobilenet_v2(width_mult=0.5)",
+                     "classification @ timm:efficientnet_b0", "maskrcnn"]
+    assert report.cell("s0", names[0]).rank == 1 and report.cell("s0", names[1]).rank == 2
+    assert report.cell("s0", names[1]).delta == pytest.approx(-0.2)
+    assert report.messages == ["task maskrcnn: the reference 'bn_relu' has no completed run, no differences shown"]
+    md = (tmp_path / "transfer.md").read_text()
+    assert "classification @ timm:efficientnet_b0: test/acc1 (higher is better)" in md
+    assert float(read_csv(tmp_path / "transfer.csv")["s0"]["mean_rank"]) == pytest.approx(4 / 3)  # 1, 2 and 1
+    write_run(tmp_path, "f", "classification", "b0", 0, status="failed", sweep_job=9,
+              config={"task": {"model": {"arch": "timm:efficientnet_b0", "kwargs": None}}})
+    write_report([tmp_path], tmp_path)
+    assert "- classification @ timm:efficientnet_b0 / b0 / seed 0: failed" in (tmp_path / "transfer.md").read_text()

@@ -2,7 +2,8 @@
 
 The small sets live in memory as uint8 tensors; batches are normalized and augmented after the transfer to the
 device (random crop with padding, horizontal flip), which is far faster on a 2-core machine than per-image
-transforms in worker processes.
+transforms in worker processes, and upsampled there to ``resize`` px where asked (ImageNet networks, which
+downsample 32-fold, end on a 1x1 map at 28 px).
 """
 from __future__ import annotations
 
@@ -76,10 +77,14 @@ class ClassificationData(pl.LightningDataModule):
     def __init__(self, name: str = "fashion_mnist", root: str | None = None, download: bool = False,
                  batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, val_size: int = 5000,
                  split_seed: int = 0, augment: bool = True, limit_train: int | None = None,
-                 limit_eval: int | None = None, image_size: int = 224):
+                 limit_eval: int | None = None, image_size: int = 224, resize: int | None = None):
         super().__init__()
         require_positive("task.data", batch_size=batch_size, eval_batch_size=eval_batch_size, val_size=val_size,
-                         limit_train=limit_train, limit_eval=limit_eval)
+                         limit_train=limit_train, limit_eval=limit_eval, resize=resize)
+        if resize is not None and name == "imagefolder":
+            raise ValueError(f"task.data.resize={resize} upsamples the in-memory sets; image folders are read at "
+                             "task.data.image_size")
+        self.resize = resize
         self.name, self.root, self.download = name, root, download
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.val_size, self.split_seed, self.augment = val_size, split_seed, augment
@@ -145,4 +150,6 @@ class ClassificationData(pl.LightningDataModule):
         x = images.float() / 255
         if self.trainer is not None and self.trainer.training and self.augment:
             x = random_crop_flip(x, self.info.crop_padding)  # before normalizing: pads with black
+        if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
+            x = torch.nn.functional.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=False)
         return (x - mean) / std, labels

@@ -2,10 +2,13 @@
 
 ``norm_act(num_features, apply_act=True)`` is the only way a model gets a normalization layer, so the BN-ReLU
 baseline and every EvoNorm share the identical architecture. The pre-activation ResNets live in
-``tasks.common.backbones`` (detection uses them too); MobileNetV2 and EfficientNet are classification's own.
+``tasks.common.backbones`` (detection uses them too); MobileNetV2 and EfficientNet are classification's own. Any
+torchvision or timm classifier (``torchvision:<name>``, ``timm:<name>``) gets the layer by conversion
+(``tasks.common.library_models``).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -13,6 +16,8 @@ from timm.layers import make_divisible
 from torch import nn
 
 from tasks.common.backbones import PREACT_RESNETS, NormAct, conv1x1, conv3x3, init_weights, preact_resnet
+from tasks.common.library_models import LIBRARIES, is_library_arch, last_linear, library_model
+from tasks.common.weights import load_weights, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +144,43 @@ class EfficientNet(nn.Module):
         return self.head(self.features(x))
 
 
+PROJECT_ARCHS = (*PREACT_RESNETS, "mobilenet_v2", "efficientnet")
+
+
 def build_model(arch: str, norm_act: NormAct, num_classes: int, in_chans: int = 3, width: int = 16,
                 blocks_per_stage: int = 1, width_mult: float = 1.0, depth_mult: float = 1.0,
-                output_stride: int = 32, dropout: float = 0.2) -> nn.Module:
+                output_stride: int = 32, dropout: float = 0.2, weights: str | None = None,
+                kwargs: dict | None = None) -> nn.Module:
     """``arch``: preact_resnet18, preact_resnet50 (224 px), preact_resnet_cifar (28-32 px; ``width``,
     ``blocks_per_stage``), mobilenet_v2 and efficientnet (``width_mult``, ``depth_mult``, ``output_stride``,
-    ``dropout``)."""
+    ``dropout``), or a library's classifier
+    (``torchvision:<name>``, ``timm:<name>``; ``kwargs`` go to its constructor). ``weights``: a file to start from
+    (a run's checkpoint, or a library's state dict for its models)."""
+    if is_library_arch(arch):
+        defaults = inspect.signature(build_model).parameters
+        ours = {k: v for k, v in (("width", width), ("blocks_per_stage", blocks_per_stage),
+                                  ("width_mult", width_mult), ("depth_mult", depth_mult),
+                                  ("output_stride", output_stride), ("dropout", dropout))
+                if v != defaults[k].default}
+        if ours:
+            raise ValueError(f"{', '.join(f'task.model.{k}={v}' for k, v in ours.items())}: set for this project's "
+                             f"models; a library model takes its constructor's options as task.model.kwargs (e.g. "
+                             f"task.model.kwargs={{{', '.join(f'{k}: {v}' for k, v in ours.items())}}})")
+        return library_model(arch, norm_act, num_classes, in_chans, weights, kwargs)
+    if kwargs:
+        raise ValueError(f"task.model.kwargs={kwargs} go to a torchvision or timm model's constructor; {arch} takes "
+                         "task.model.width, blocks_per_stage, width_mult, depth_mult, output_stride, dropout")
     if arch in PREACT_RESNETS:
-        return preact_resnet(arch, norm_act, num_classes, in_chans, width, blocks_per_stage)
-    if arch == "mobilenet_v2":
-        return MobileNetV2(norm_act, num_classes, in_chans, width_mult, dropout, depth_mult, output_stride)
-    if arch == "efficientnet":
-        return EfficientNet(norm_act, num_classes, in_chans, width_mult, depth_mult, dropout, output_stride)
-    raise ValueError(f"unknown arch {arch!r}; choose from preact_resnet18, preact_resnet50, "
-                     "preact_resnet_cifar, mobilenet_v2, efficientnet")
+        model = preact_resnet(arch, norm_act, num_classes, in_chans, width, blocks_per_stage)
+    elif arch == "mobilenet_v2":
+        model = MobileNetV2(norm_act, num_classes, in_chans, width_mult, dropout, depth_mult, output_stride)
+    elif arch == "efficientnet":
+        model = EfficientNet(norm_act, num_classes, in_chans, width_mult, depth_mult, dropout, output_stride)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(PROJECT_ARCHS)}, or a classifier of "
+                         f"torchvision or timm as torchvision:<name> or timm:<name> (names: "
+                         f"{' and '.join(LIBRARIES.values())})")
+    if weights:
+        load_weights(model, read_weights(weights, "task.model.weights"), f"task.model.weights={weights}",
+                     classifier=last_linear(model))
+    return model

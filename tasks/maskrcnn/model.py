@@ -1,7 +1,8 @@
 """Mask R-CNN with FPN from torchvision's detection parts, with the chosen norm-act layer at every norm position.
 
 Our parts: the pre-activation ResNet backbone (C2..C5, each followed by a norm-act because pre-activation stage
-outputs are un-normalized sums), the FPN's lateral/output convs (``norm_act(apply_act=False)``: no activation
+outputs are un-normalized sums) or a torchvision / timm classifier converted to the layer and cut into its feature
+maps at strides 4 to 32 (``tasks.common.library_models``), the FPN's lateral/output convs (``norm_act(apply_act=False)``: no activation
 there), the 4conv1fc box head and the 4-conv mask head (norm-act after each conv). torchvision's parts: anchors,
 RPN (head without norm, as standard), MultiScaleRoIAlign, losses, sampling, post-processing and
 ``GeneralizedRCNNTransform``. ``norm_in`` says which of backbone / fpn / heads get the chosen layer; the others get
@@ -16,7 +17,6 @@ from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -28,6 +28,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import evonorm
 from tasks.common.backbones import NormAct, init_weights, preact_resnet
+from tasks.common.library_models import feature_extractor, is_library_arch, library_model, model_name
+from tasks.common.weights import WeightsError, load_weights, read_weights
 
 log = logging.getLogger(__name__)
 NORM_POSITIONS = ("backbone", "fpn", "heads")
@@ -61,6 +63,23 @@ class ResNetFPNBackbone(nn.Module):
         *inner, last = self.body.stage_outputs(x)
         levels = [norm(c) for norm, c in zip(self.level_norms, inner)] + [self.body.final_norm(last)]
         return self.fpn(OrderedDict((str(i), c) for i, c in enumerate(levels)))
+
+
+class LibraryFPNBackbone(nn.Module):
+    """A torchvision or timm classifier converted to the layer, cut into its feature maps at strides 4 to 32
+    (``feature_extractor``) -> FPN (P2..P5, plus P6 by max-pooling). Post-activation networks: no norm is added."""
+
+    def __init__(self, arch: str, norm_act: NormAct, fpn_norm: NormAct | None, fpn_channels: int,
+                 kwargs: dict | None = None, weights: str | None = None):
+        super().__init__()
+        classifier = library_model(arch, norm_act, 1000, 3, weights, kwargs, weights_key="task.model.backbone_ckpt")
+        self.body, channels = feature_extractor(classifier)
+        self.fpn = FeaturePyramidNetwork(channels, fpn_channels, extra_blocks=LastLevelMaxPool(),
+                                         norm_layer=fpn_norm and partial(fpn_norm, apply_act=False))
+        self.out_channels = fpn_channels
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
 
 
 class MultiScaleTransform(GeneralizedRCNNTransform):
@@ -126,22 +145,33 @@ def build_maskrcnn(norm_act: NormAct, num_classes: int, arch: str = "preact_resn
                    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
                    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), train_sizes: tuple[int, ...] = (800,),
                    test_size: int = 800, max_size: int = 1333, roi_sampling_ratio: int = 2,
-                   freeze_norm_stats: bool = False, backbone_ckpt: str | None = None,
+                   freeze_norm_stats: bool = False, backbone_ckpt: str | None = None, kwargs: dict | None = None,
                    **detector_kwargs) -> MaskRCNN:
     """``num_classes`` counts the background. ``train_sizes``: shorter-side sizes drawn at random per training
     image (multi-scale training); evaluation resizes to ``test_size``. ``roi_sampling_ratio``: bilinear samples
     per RoIAlign bin side (torchvision's 2; 0: adaptive, as detectron2). ``detector_kwargs`` go to torchvision's
     ``MaskRCNN`` (RPN/RoI sampling and post-processing: ``rpn_batch_size_per_image``, ``box_detections_per_img``,
-    ...)."""
-    if arch not in DETECTION_BACKBONES:
-        raise ValueError(f"unknown detection backbone {arch!r}; choose from {', '.join(DETECTION_BACKBONES)}")
+    ...). ``arch``: a pre-activation ResNet, or a classifier of torchvision or timm (``torchvision:<name>``,
+    ``timm:<name>``; ``kwargs`` go to its constructor). ``backbone_ckpt``: a ``task=classification`` checkpoint of
+    the same arch and layer, or (library archs) the library model's weights file."""
+    library = is_library_arch(arch)
+    if not library and arch not in DETECTION_BACKBONES:
+        raise ValueError(f"unknown detection backbone {arch!r}; choose from {', '.join(DETECTION_BACKBONES)}, or a "
+                         "classifier of torchvision or timm as torchvision:<name> or timm:<name>")
+    if kwargs and not library:
+        raise ValueError(f"task.model.kwargs={kwargs} go to a torchvision or timm model's constructor, not {arch}'s")
     norm_name = layer_name(norm_act)
     where = placement(norm_name, list(norm_in))
     chosen = lambda pos: None if where[pos] == "none" else (  # noqa: E731
         norm_act if where[pos] == norm_name else evonorm.norm_act_factory(where[pos]))
-    backbone = ResNetFPNBackbone(arch, chosen("backbone"), chosen("fpn"), fpn_channels)
     if backbone_ckpt:
-        load_backbone(backbone.body, backbone_ckpt, arch, where["backbone"])
+        check_backbone_source(Path(backbone_ckpt).expanduser(), model_name(arch, kwargs), where["backbone"])
+    if library:
+        backbone = LibraryFPNBackbone(arch, chosen("backbone"), chosen("fpn"), fpn_channels, kwargs, backbone_ckpt)
+    else:
+        backbone = ResNetFPNBackbone(arch, chosen("backbone"), chosen("fpn"), fpn_channels)
+        if backbone_ckpt:
+            load_backbone(backbone.body, backbone_ckpt)
     levels = len(anchor_sizes)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
     box_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=roi_sampling_ratio)
@@ -175,32 +205,27 @@ class BackboneCheckpointError(ValueError):
     pass
 
 
-def load_backbone(body: nn.Module, ckpt_path: str, arch: str, norm_name: str) -> None:
-    """Initialise the trunk from a ``task=classification`` checkpoint of the same architecture and layer."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"task.model.backbone_ckpt={ckpt_path}: no such file (give a classification "
-                                "run's checkpoints/best-*.ckpt or last.ckpt)")
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
-    trunk = {k.removeprefix("model."): v for k, v in state.items()
-             if k.startswith("model.") and not k.startswith("model.head.")}
+def check_backbone_source(path: Path, model: str, norm_name: str) -> None:
+    """Refuse a classification checkpoint of another architecture or layer (says its run's results.json)."""
     source = checkpoint_run(path)
-    own = body.state_dict()
-    problems = [f"it was trained with {key} {value}" for key, value, ours in
-                (("model", source.get("model"), arch), ("layer", source.get("norm"), norm_name))
-                if value is not None and value != ours]
-    for what, keys in (("missing", sorted(set(own) - set(trunk))), ("unexpected", sorted(set(trunk) - set(own))),
-                       ("other shape", sorted(k for k in set(own) & set(trunk) if own[k].shape != trunk[k].shape))):
-        if keys:
-            problems.append(f"{what} tensors {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-    if problems:
+    if any(value is not None and value != ours for value, ours in ((source.get("model"), model),
+                                                                   (source.get("norm"), norm_name))):
         raise BackboneCheckpointError(
-            f"backbone checkpoint {path} (model {source.get('model', '?')}, layer {source.get('norm', '?')}) does "
-            f"not fit this run's backbone (model {arch}, layer {norm_name}): {'; '.join(problems)}. Train the "
-            f"classification run with task.model.arch={arch} norm={norm_name}, or choose the matching norm here.")
-    body.load_state_dict(trunk)
-    log.info("backbone initialised from %s (model %s, layer %s): %d tensors", path, source.get("model", "?"),
-             source.get("norm", "?"), len(trunk))
+            f"backbone checkpoint {path} comes from a run of model {source.get('model', '?')}, layer "
+            f"{source.get('norm', '?')}; this backbone is model {model}, layer {norm_name}: start it from a "
+            "classification run of this model and layer, or build the backbone as that run's (task.model.arch, "
+            "norm)")
+
+
+def load_backbone(body: nn.Module, ckpt_path: str) -> None:
+    """Initialise the pre-activation trunk from a ``task=classification`` checkpoint (its classifier left out; an
+    input conv of other channels adapted, as for the 1-channel Fashion-MNIST stem in a 3-channel detector)."""
+    state = read_weights(ckpt_path, "task.model.backbone_ckpt")
+    try:
+        load_weights(body, state, f"backbone checkpoint {ckpt_path}", ignored=[k for k in state if
+                                                                             k.startswith("head.")])
+    except WeightsError as e:
+        raise BackboneCheckpointError(str(e)) from e
 
 
 def checkpoint_run(path: Path) -> dict:

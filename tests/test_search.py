@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from evonorm.space import PAPER_LAYERS, parse
+from pipelines.checks import ConfigError
 from pipelines.search.driver import check_search_config, reference_layers, seed_graphs
 from pipelines.search.evaluator import Rejected, evaluate, finite_check, stability_check
 from pipelines.search.evolution import Member, Strategy, pareto_front
@@ -237,6 +238,7 @@ def test_rerank_takes_the_best_candidates_and_every_reference_seed(tmp_path):
     done = [{**j, "kind": "rerank", "status": "passed", "scores": [0.8, 0.8]} for j in jobs[:3]]
     assert [(j["name"], j["rerank_seed"]) for j in rerank_jobs(entries + done, {"bn_relu": {}}, rerank, 4)] == [
         ("bn_relu", 1)]  # a resumed search re-ranks only what is missing
+    assert rerank_jobs(entries, {"bn_relu": {}}, OmegaConf.create({**rerank, "top": 0, "keep": 0}), 4) == []
 
 
 def test_leaderboard_ranks_by_rerank_score_and_writes_configs_the_run_pipeline_builds(tmp_path):
@@ -264,18 +266,18 @@ def test_leaderboard_ranks_by_rerank_score_and_writes_configs_the_run_pipeline_b
 # config checks: clear errors before anything starts
 
 def test_bad_search_configs_are_refused_with_what_to_change():
-    with pytest.raises(ValueError, match="search.budget=10 is smaller than search.population=30"):
+    with pytest.raises(ConfigError, match="search.budget=10 is smaller than search.population=30"):
         check_search_config(search_cfg("search.budget=10", "search.population=30"))
     check_search_config(search_cfg("search.budget=10", "search.strategy=random"))  # random search has no population
-    with pytest.raises(ValueError, match="bn_relu given twice"):
+    with pytest.raises(ConfigError, match="bn_relu given twice"):
         reference_layers(["bn_relu", "s0", "bn_relu"], 4)
-    with pytest.raises(ValueError, match="no layer 'bn_rleu'"):
+    with pytest.raises(ConfigError, match="no layer 'bn_rleu'"):
         reference_layers(["bn_rleu"], 4)
-    with pytest.raises(ValueError, match=r"seed_layers\[1\].*column 5: unknown name .sigm."):
+    with pytest.raises(ConfigError, match=r"seed_layers\[1\].*column 5: unknown name .sigm."):
         seed_graphs(["s0", "x * sigm(x)"], "s")
-    with pytest.raises(ValueError, match=r"seed_layers\[0\].*series s forbids"):
+    with pytest.raises(ConfigError, match=r"seed_layers\[0\].*series s forbids"):
         seed_graphs(["b0"], "s")
-    with pytest.raises(ValueError, match=r"seed_layers\[1\].*again"):
+    with pytest.raises(ConfigError, match=r"seed_layers\[1\].*again"):
         seed_graphs(["s0", "sigmoid(v1 * x) * x / std_hwg(x)"], "s")
 
 
@@ -291,7 +293,7 @@ def test_a_norm_name_found_in_two_config_dirs_is_refused(tmp_path):
     with open_dict(cfg):
         del cfg["hydra"]  # as a job gets its config
     try:
-        with pytest.raises(ValueError, match="norm=s0: a layer of that name exists twice"):
+        with pytest.raises(ConfigError, match="norm=s0: a layer of that name exists twice"):
             check_config(cfg)
     finally:
         HydraConfig.instance().cfg = None

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from evonorm.factory import NORM_ACT_LAYERS
 from evonorm.space import PAPER_LAYERS, Graph, ParseError, GraphError, parse
-from pipelines.checks import CONF_DIR
+from pipelines.checks import CONF_DIR, ConfigError
 from pipelines.loggers import start_wandb, wandb_mode
 from pipelines.records import config_changes, describe_changes, pid_exists, process_identity
 from pipelines.search import leaderboard
@@ -62,13 +62,13 @@ def reference_layers(names, groups: int) -> dict[str, dict]:
     names = list(names)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"references: {', '.join(twice)} given twice; each layer name once")
+        raise ConfigError(f"references: {', '.join(twice)} given twice; each layer name once")
     specs = {}
     for name in names:
         path = CONF_DIR / "norm" / f"{name}.yaml"
         if name not in NORM_ACT_LAYERS or name == "graph" or not path.is_file():
             known = sorted(p.stem for p in (CONF_DIR / "norm").glob("*.yaml") if p.stem != "graph")
-            raise ValueError(f"references: no layer {name!r}; choose from {', '.join(known)}")
+            raise ConfigError(f"references: no layer {name!r}; choose from {', '.join(known)}")
         kwargs = OmegaConf.to_container(OmegaConf.load(path).kwargs or {}, resolve=True)
         specs[name] = {"norm": name, "kwargs": layer_kwargs(name, kwargs, groups)}
     return specs
@@ -82,12 +82,12 @@ def seed_graphs(entries, series: str) -> list[Graph]:
         try:
             graph = parse(text)
         except (ParseError, GraphError) as e:
-            raise ValueError(f"search.seed_layers[{i}] = {entry!r} is no layer formula: {e}") from None
+            raise ConfigError(f"search.seed_layers[{i}] = {entry!r} is no layer formula: {e}") from None
         problem = series_problem(graph, series)
         if problem:
-            raise ValueError(f"search.seed_layers[{i}] = {entry!r}: {problem}")
+            raise ConfigError(f"search.seed_layers[{i}] = {entry!r}: {problem}")
         if graph.canonical_hash() in hashes:
-            raise ValueError(f"search.seed_layers[{i}] = {entry!r} is the layer of search.seed_layers"
+            raise ConfigError(f"search.seed_layers[{i}] = {entry!r} is the layer of search.seed_layers"
                              f"[{hashes[graph.canonical_hash()]}] again; each layer once")
         hashes[graph.canonical_hash()] = i
         graphs.append(graph)
@@ -99,20 +99,21 @@ def check_search_config(cfg: DictConfig) -> None:
     for key in ("budget", "population", "tournament", "workers"):
         value = s[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"search.{key}={value!r}: a whole number >= 1")
+            raise ConfigError(f"search.{key}={value!r}: a whole number >= 1")
     if s.strategy == "evolution" and s.budget < s.population:
-        raise ValueError(f"search.budget={s.budget} is smaller than search.population={s.population}: evolution "
+        raise ConfigError(f"search.budget={s.budget} is smaller than search.population={s.population}: evolution "
                          "would never leave its random initial population; raise the budget or lower the population")
     if cfg.protocols.screen.steps > cfg.proxy.steps:
-        raise ValueError(f"protocols.screen.steps={cfg.protocols.screen.steps} is beyond proxy.steps="
+        raise ConfigError(f"protocols.screen.steps={cfg.protocols.screen.steps} is beyond proxy.steps="
                          f"{cfg.proxy.steps}: the screen is the start of the proxy training")
     if not cfg.proxy.anchors:
-        raise ValueError("proxy.anchors is empty: the search scores layers on its anchors")
+        raise ConfigError("proxy.anchors is empty: the search scores layers on its anchors")
     if not 0 <= cfg.rerank.keep <= cfg.rerank.top:
-        raise ValueError(f"rerank.keep={cfg.rerank.keep} must be in [0, rerank.top={cfg.rerank.top}] (rerank.top=0: "
+        raise ConfigError(f"rerank.keep={cfg.rerank.keep} must be in [0, rerank.top={cfg.rerank.top}] (rerank.top=0: "
                          "no re-rank)")
-    if cfg.logger.name not in ("wandb", "none", "csv"):
-        raise ValueError(f"logger={cfg.logger.name}: the search logs to wandb or not at all (none)")
+    if cfg.logger.name not in ("wandb", "none"):
+        raise ConfigError(f"logger={cfg.logger.name}: the search logs to wandb or not at all (logger=none); its "
+                         "record is history.jsonl and summary.json either way")
 
 
 def check_search_dir(search_dir: Path, cfg: DictConfig, history: History) -> None:
@@ -120,19 +121,19 @@ def check_search_dir(search_dir: Path, cfg: DictConfig, history: History) -> Non
     works there; ``+resume=`` needs a history."""
     record_path = search_dir / SEARCH_FILE
     if cfg.get("resume") and not history.entries:
-        raise ValueError(f"+resume={cfg.resume}: no search recorded there to go on with ({history.path} is "
+        raise ConfigError(f"+resume={cfg.resume}: no search recorded there to go on with ({history.path} is "
                          "missing or empty); to start a search in that dir, give hydra.run.dir instead")
     if not record_path.is_file():
         return
     record = json.loads(record_path.read_text())
     changed, _ = config_changes(strip_run_keys(record["config"]), strip_run_keys(search_config(cfg)))
     if changed:
-        raise ValueError(f"{search_dir} holds a search of another configuration (differs in "
+        raise ConfigError(f"{search_dir} holds a search of another configuration (differs in "
                          f"{describe_changes(changed)}); resume it with its own config, or use a new dir")
     owner = record.get("driver", {})
     if owner.get("pid") not in (None, process_identity()["pid"]) and owner.get("host") == process_identity()[
             "host"] and pid_exists(owner["pid"]) and record.get("status") == "running":
-        raise ValueError(f"{search_dir} is being searched right now by pid {owner['pid']}; not starting a second "
+        raise ConfigError(f"{search_dir} is being searched right now by pid {owner['pid']}; not starting a second "
                          "driver there")
 
 
@@ -178,6 +179,9 @@ class Search:
             self.remember(entry)
         self.sampled = len(candidates)
         self.next_id = max((e["id"] for e in candidates), default=-1) + 1
+        # ids of candidates in flight when the driver was killed (never recorded): given to the next ones sampled,
+        # so the ids stay 0 .. budget-1 (ages are insertion order, not ids)
+        self.free_ids = sorted(set(range(self.next_id)) - {e["id"] for e in candidates})
         self.strategy.seeds = self.strategy.seeds[sum(e["origin"] == "seed" for e in candidates):]
         self.rng = random.Random(f"{self.cfg.seed}/{len(self.history.entries)}")
         if candidates:
@@ -198,10 +202,13 @@ class Search:
         """The next candidate: finished here if the static check or the fingerprint ends it (None), else its job."""
         started = time.perf_counter()
         graph, parent, origin = self.strategy.next(self.rng)
-        entry = {"kind": "candidate", "id": self.next_id, "name": f"#{self.next_id}", "formula": graph.formula(),
+        if self.free_ids:
+            number = self.free_ids.pop(0)
+        else:
+            number, self.next_id = self.next_id, self.next_id + 1
+        entry = {"kind": "candidate", "id": number, "name": f"#{number}", "formula": graph.formula(),
                  "genome": [[op, list(inputs)] for op, inputs in graph.nodes], "hash": graph.canonical_hash(),
                  "parent": parent, "origin": origin, "series": self.series, "times": {}}
-        self.next_id += 1
         self.sampled += 1
         outputs = probe_outputs(graph)
         problem = static_problem(graph, self.series, outputs)

@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from pipelines.checks import ConfigError
 from pipelines.search.evaluator import evaluate
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class RayEngine:
     def __init__(self, workers: int, address: str | None = None, max_retries: int = 2,
                  object_store_memory: int | None = None):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"search.workers={workers!r}: a whole number >= 1 (evaluations in flight)")
+            raise ConfigError(f"search.workers={workers!r}: a whole number >= 1 (evaluations in flight)")
         self.workers = workers
         if address is not None:
             probe(address)

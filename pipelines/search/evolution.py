@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from evonorm.space import Graph
+from pipelines.checks import ConfigError
 from pipelines.search.mutator import Mutator
 
 STRATEGIES = ("evolution", "random")
@@ -54,9 +55,9 @@ class Strategy:
 
     def __init__(self, kind: str, mutator: Mutator, population: int, tournament: int, seeds: list[Graph] = ()):
         if kind not in STRATEGIES:
-            raise ValueError(f"search.strategy={kind!r}: choose from {', '.join(STRATEGIES)}")
+            raise ConfigError(f"search.strategy={kind!r}: choose from {', '.join(STRATEGIES)}")
         if not 1 <= tournament <= population:
-            raise ValueError(f"search.tournament={tournament} must be in [1, search.population={population}]")
+            raise ConfigError(f"search.tournament={tournament} must be in [1, search.population={population}]")
         self.kind, self.mutator, self.size, self.tournament = kind, mutator, population, tournament
         self.population: deque[Member] = deque()
         self.seeds = list(seeds)

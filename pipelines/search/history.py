@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from pipelines.checks import ConfigError
+
 log = logging.getLogger(__name__)
 HISTORY_FILE = "history.jsonl"
 
@@ -33,7 +35,7 @@ class History:
                 entries.append(json.loads(line))
             except ValueError:
                 if number < len(lines):
-                    raise ValueError(f"{self.path}, line {number} cannot be read; the history is damaged") from None
+                    raise ConfigError(f"{self.path}, line {number} cannot be read; the history is damaged") from None
                 log.warning("%s: its last line is incomplete (a kill while writing it); that evaluation runs again",
                             self.path)
                 self._truncate(len(lines) - 1)

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from evonorm.space import PAPER_LAYERS, parse
-from pipelines.checks import CONF_DIR
+from pipelines.checks import CONF_DIR, ConfigError
 from pipelines.search.evaluator import PROTOCOLS, WORKER_PROTOCOLS
 from pipelines.search.fingerprint import fingerprint, probe_outputs
 from pipelines.search.evolution import pareto_front
@@ -88,7 +88,9 @@ def proxy_ranking(entries: list[dict]) -> list[dict]:
 
 def rerank_jobs(entries: list[dict], references: dict[str, dict], rerank: DictConfig, groups: int) -> list[dict]:
     """The re-rank trainings not yet recorded: ``rerank.seeds`` per top candidate, ``rerank.reference_seeds``
-    per reference."""
+    per reference; none at all with ``rerank.top=0`` (no re-rank)."""
+    if rerank.top == 0:
+        return []
     done = {(e["name"], e["rerank_seed"]) for e in entries if e["kind"] == "rerank"}
     subjects = [(e["name"], e["hash"], {"norm": "graph", "kwargs": {"graph": e["formula"], "groups": groups}},
                  rerank.seeds) for e in proxy_ranking(entries)[:rerank.top]]
@@ -228,7 +230,7 @@ def write_norm_configs(search_dir: Path, rows: list[dict]) -> list[str]:
     names = []
     for row in (r for r in rows if r["kept"]):
         if (CONF_DIR / "norm" / f"{row['name']}.yaml").is_file():
-            raise ValueError(f"conf/norm/{row['name']}.yaml exists: the evolved layer's name would exist twice")
+            raise ConfigError(f"conf/norm/{row['name']}.yaml exists: the evolved layer's name would exist twice")
         defaults = OmegaConf.load(CONF_DIR / "norm" / "graph.yaml").kwargs
         config = OmegaConf.create({"name": row["name"], "layer": "graph",
                                    "kwargs": {**OmegaConf.to_container(defaults), "graph": row["formula"]}})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from evonorm.space import AGGREGATES, ELEMENTWISE, OPS, SEARCH_LEAVES, Graph, Node
+from pipelines.checks import ConfigError
 
 SERIES = ("b", "s")
 LEAF_NODES = tuple(Node(leaf) for leaf in SEARCH_LEAVES)
@@ -53,9 +54,9 @@ class Mutator:
 
     def __post_init__(self):
         if self.series not in SERIES:
-            raise ValueError(f"search.series={self.series!r}: choose b (batch-dependent) or s (batch-independent)")
+            raise ConfigError(f"search.series={self.series!r}: choose b (batch-dependent) or s (batch-independent)")
         if not 1 <= self.min_ops <= self.max_ops:
-            raise ValueError(f"search.min_ops={self.min_ops}, search.max_ops={self.max_ops}: need "
+            raise ConfigError(f"search.min_ops={self.min_ops}, search.max_ops={self.max_ops}: need "
                              "1 <= min_ops <= max_ops")
 
     @cached_property

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evonorm import param_groups_weight_decay
+from pipelines.checks import ConfigError
 from tasks.classification.data import DATASETS
 from tasks.classification.models import build_model
 from tasks.classification.module import warmup_cosine
@@ -48,10 +49,11 @@ class ProxyData:
 
 def load_proxy_data(dataset: str, root: str | None, image_size: int, score_size: int, rerank_size: int,
                     split_seed: int) -> ProxyData:
-    """Fashion-MNIST (embedded) or CIFAR-10 (``root``), resized to ``image_size`` by area averaging; the last
-    ``score_size + rerank_size`` of a fixed shuffle of the training images are held out."""
+    """Fashion-MNIST (embedded) or CIFAR-10 (``root``), resized to ``image_size`` by area averaging;
+    ``score_size + rerank_size`` images of a fixed shuffle of the training images are held out (the loader's
+    validation split). The loader reads the test split too; it is dropped here, unused."""
     if dataset not in DATASETS:
-        raise ValueError(f"search.proxy.dataset={dataset!r}: choose from {', '.join(DATASETS)}")
+        raise ConfigError(f"proxy.dataset={dataset!r}: choose from {', '.join(DATASETS)}")
     train, held_out, _test = load_with_val_split(dataset, root, False, score_size + rerank_size, split_seed)
 
     def resized(images: torch.Tensor) -> np.ndarray:

@@ -215,7 +215,7 @@ def test_exit_status_counts_this_sweeps_grid_points_only(tmp_path):
         with pytest.raises(SystemExit) as status:
             callback.on_multirun_end(cfg)
         assert status.value.code == 1
-    assert "1 record(s) left out for a newer one of the same task, layer and seed that ran another configuration: " \
+    assert "1 record(s) left out for a newer one of the same task, architecture, layer and seed that ran another configuration: " \
            f"`{first[0]}` for `{second[0]}` (differs in task.optim.lr (was 0.1, now 0.2))" in \
            (sweep_dir / "lr" / "transfer.md").read_text()
 

@@ -15,7 +15,8 @@ from pipelines.search.evaluator import Rejected, evaluate, finite_check, stabili
 from pipelines.search.evolution import Member, Strategy, pareto_front
 from pipelines.search.fingerprint import fingerprint, probe_outputs, static_problem
 from pipelines.search.history import History
-from pipelines.search.leaderboard import leaderboard_rows, protocol_summary, rerank_jobs, write_norm_configs
+from pipelines.search.leaderboard import (SUMMARY_FILE, leaderboard_rows, protocol_summary, rerank_jobs, write_comparison,
+                                          write_norm_configs)
 from pipelines.search.mutator import LEAF_NODES, Mutator, series_problem
 from pipelines.search.proxy import ProxyData, build_anchor
 from tests.conftest import CONF_DIR
@@ -318,3 +319,16 @@ def test_an_evolved_layer_trains_in_the_run_pipeline_under_its_own_name(compose_
                              output_dir=tmp_path / "run"))
     assert record["status"] == "completed" and record["norm"]["name"] == "evolved_abc"
     assert record["norm"]["kwargs"]["graph"] == "x * sigmoid(x) / rms_hwg(x)"
+
+
+def test_comparison_ranks_a_run_where_nothing_passed_lowest(tmp_path):
+    runs = [("evolution", 0, 0.635), ("evolution", 1, None), ("evolution", 2, None),
+            ("random", 0, 0.483), ("random", 1, None), ("random", 2, 0.689)]
+    for i, (strategy, seed, best) in enumerate(runs):
+        run_dir = tmp_path / f"{i}-{strategy}-s{seed}"
+        run_dir.mkdir()
+        (run_dir / SUMMARY_FILE).write_text(json.dumps({"strategy": strategy, "seed": seed, "sampled": 100,
+                                                        "best_proxy_mean": best}))
+    table = write_comparison(tmp_path).read_text()
+    assert "| evolution | 3 | 0.6350 (s0), none passed (s1), none passed (s2) | none passed | 100, 100, 100 |" in table
+    assert "| random | 3 | 0.4830 (s0), none passed (s1), 0.6890 (s2) | 0.4830 |" in table

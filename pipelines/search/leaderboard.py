@@ -341,7 +341,8 @@ def write_outputs(search_dir: Path, entries: list[dict], cfg: DictConfig, wandb_
 
 def write_comparison(sweep_dir: Path) -> Path | None:
     """``comparison.md`` and ``progress.png`` over the completed searches under ``sweep_dir``: per strategy, the
-    best mean proxy score of each run (all runs' candidates counted alike) and their median."""
+    best mean proxy score of each run (all runs' candidates counted alike) and their median, runs where nothing
+    passed included (ranked lowest)."""
     runs: dict[str, list[tuple[Path, dict, list]]] = {}
     references: dict[str, list[float]] = {}
     for path in sorted(sweep_dir.glob(f"*/{SUMMARY_FILE}")):
@@ -353,16 +354,17 @@ def write_comparison(sweep_dir: Path) -> Path | None:
     if not runs:
         return None
     lines = ["# Evolution against random search", "",
-             "Best mean proxy top-1 (over the anchors) among each run's candidates, at equal budgets.", "",
+             "Best mean proxy top-1 (over the anchors) among each run's candidates, at equal budgets. A run where no "
+             "candidate passed every protocol has no score and ranks lowest; the median is the lower middle run.", "",
              "| strategy | runs | best mean proxy score per run (seed) | median | candidates per run |",
              "|---|---|---|---|---|"]
     for strategy, found in runs.items():
-        bests = [s["best_proxy_mean"] for _, s, _ in found if s["best_proxy_mean"] is not None]
-        lines.append(f"| {strategy} | {len(found)} | "
-                     + ", ".join(f"{s['best_proxy_mean']:.4f} (s{s['seed']})" for _, s, _ in found
-                                 if s["best_proxy_mean"] is not None)
-                     + f" | {statistics.median(bests):.4f} | {', '.join(str(s['sampled']) for _, s, _ in found)} |"
-                     if bests else f"| {strategy} | {len(found)} | none passed | | |")
+        bests = [s["best_proxy_mean"] for _, s, _ in found]
+        per_run = ", ".join(f"{'none passed' if b is None else f'{b:.4f}'} (s{s['seed']})"
+                            for b, (_, s, _) in zip(bests, found))
+        middle = sorted(bests, key=lambda b: -1.0 if b is None else b)[(len(bests) - 1) // 2]
+        lines.append(f"| {strategy} | {len(found)} | {per_run} | {'none passed' if middle is None else f'{middle:.4f}'} | "
+                     f"{', '.join(str(s['sampled']) for _, s, _ in found)} |")
     (sweep_dir / "comparison.md").write_text("\n".join(lines) + "\n")
     write_progress(sweep_dir / "progress.png", {k: [c for _, _, c in v] for k, v in runs.items()},
                    {name: statistics.fmean(scores) for name, scores in references.items()})

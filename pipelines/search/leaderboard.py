@@ -276,21 +276,30 @@ def write_pareto(search_dir: Path, entries: list[dict], anchors: list[str]) -> N
     plt.close(fig)
 
 
-def write_progress(path: Path, runs: dict[str, list[list[float | None]]], references: dict[str, float]) -> None:
-    """Best mean proxy score against candidates evaluated: one panel per strategy, one line per run."""
+def write_progress(path: Path, runs: dict[str, list[tuple[str, list[float | None]]]],
+                   references: dict[str, float]) -> None:
+    """Best mean proxy score against candidates evaluated: one panel per strategy, one labelled line per run; a run
+    where no candidate passed has no line and is named in its panel; references are dashed, named in the legend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharex=True,
+                             sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (strategy, curves) in zip(axes[0], runs.items()):
-        for curve in curves:
-            ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], lw=1.2)
-        for name, score in references.items():
-            ax.axhline(score, ls="--", lw=0.8, c="0.5")
-            ax.annotate(name, (1, score), fontsize=7, color="0.4", va="bottom")
-        ax.set_title(f"{strategy} ({len(curves)} run{'s' * (len(curves) > 1)})")
+        for label, curve in curves:
+            if any(v is not None for v in curve):
+                ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], lw=1.2,
+                        label=label)
+        for (name, score), color in zip(sorted(references.items(), key=lambda kv: -kv[1]), colors[::-1]):
+            ax.axhline(score, ls="--", lw=0.9, c=color, alpha=0.7, label=f"{name} (reference) {score:.3f}")
+        nothing = [label for label, curve in curves if all(v is None for v in curve)]
+        ax.set_title(f"{strategy} ({len(curves)} run{'s' * (len(curves) > 1)})"
+                     + (f"\nno candidate passed: {', '.join(nothing)}" if nothing else ""), fontsize=10)
         ax.set_xlabel("candidates evaluated")
+        ax.set_xlim(1, max(len(curve) for _, curve in curves))
+        ax.legend(fontsize=7, loc="upper left")
     axes[0][0].set_ylabel("best mean proxy top-1 so far")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -311,8 +320,8 @@ def write_outputs(search_dir: Path, entries: list[dict], cfg: DictConfig, wandb_
     write_leaderboard(search_dir, rows, anchors, summary, cfg.search.series)
     evolved = write_norm_configs(search_dir, rows)
     write_pareto(search_dir, entries, anchors)
-    write_progress(search_dir / "progress.png", {cfg.search.strategy: [best_so_far(entries)]},
-                   reference_means(entries))
+    write_progress(search_dir / "progress.png",
+                   {cfg.search.strategy: [(f"seed {cfg.seed}", best_so_far(entries))]}, reference_means(entries))
     best = next((r for r in rows if not r["reference"]), None)
     summary.update(strategy=cfg.search.strategy, series=cfg.search.series, seed=cfg.seed, evolved=evolved,
                    best_proxy_mean=(best_so_far(entries) or [None])[-1],
@@ -366,7 +375,8 @@ def write_comparison(sweep_dir: Path) -> Path | None:
         lines.append(f"| {strategy} | {len(found)} | {per_run} | {'none passed' if middle is None else f'{middle:.4f}'} | "
                      f"{', '.join(str(s['sampled']) for _, s, _ in found)} |")
     (sweep_dir / "comparison.md").write_text("\n".join(lines) + "\n")
-    write_progress(sweep_dir / "progress.png", {k: [c for _, _, c in v] for k, v in runs.items()},
+    write_progress(sweep_dir / "progress.png",
+                   {k: [(f"seed {s['seed']}", c) for _, s, c in v] for k, v in runs.items()},
                    {name: statistics.fmean(scores) for name, scores in references.items()})
     return sweep_dir / "comparison.md"
 

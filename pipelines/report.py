@@ -408,7 +408,9 @@ def write_png(report: TransferReport, path: Path) -> None:
     rgba, colour_scale = heat_map_colours(report)
     ax = top.subplots()
     ax.imshow(rgba, aspect="auto")
-    ax.set_xticks(range(len(tasks)), [f"{h.name}\n{h.metric or 'no headline'} ({h.direction})" for h in tasks])
+    # an architecture column's name goes on a line of its own: side by side, long names would run into each other
+    ax.set_xticks(range(len(tasks)), [f"{h.name.replace(' @ ', chr(10) + '@ ')}\n{h.metric or 'no headline'} "
+                                      f"({h.direction})" for h in tasks])
     ax.set_yticks(range(len(norms)), norms)
     for i, norm in enumerate(norms):
         for j, h in enumerate(tasks):
@@ -422,13 +424,13 @@ def write_png(report: TransferReport, path: Path) -> None:
     for ax, h in zip(np.atleast_1d(bottom.subplots(1, len(tasks))), tasks):
         cells = [report.cell(n, h.name) for n in norms]
         means = [c.mean if c.mean is not None else np.nan for c in cells]
-        errors = [c.std or 0.0 for c in cells]
+        errors = [np.nan if c.std is None else c.std for c in cells]  # one seed: no bar, not a zero spread
         colors = ["0.55" if n == report.reference else "tab:blue" for n in norms]
         ax.bar(range(len(norms)), np.nan_to_num(means), yerr=errors, color=colors, capsize=4)
         finite = [m for m in means if np.isfinite(m)]
         if finite:  # zoom on the values: the differences are what matters
             low, high = min(finite), max(finite)
-            pad = max(0.15 * (high - low), max(errors) * 1.5, 0.02 * abs(high) or 0.01)
+            pad = max(0.15 * (high - low), np.nan_to_num(np.nanmax(errors + [0.0])) * 1.5, 0.02 * abs(high) or 0.01)
             ax.set_ylim(low - pad, high + pad)
         for x, (cell, mean) in enumerate(zip(cells, means)):
             if not np.isfinite(mean):

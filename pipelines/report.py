@@ -430,7 +430,7 @@ def write_png(report: TransferReport, path: Path) -> None:
         finite = [m for m in means if np.isfinite(m)]
         if finite:  # zoom on the values: the differences are what matters
             low, high = min(finite), max(finite)
-            pad = max(0.15 * (high - low), np.nan_to_num(np.nanmax(errors + [0.0])) * 1.5, 0.02 * abs(high) or 0.01)
+            pad = max(0.15 * (high - low), np.nanmax(errors + [0.0]) * 1.5, 0.02 * abs(high) or 0.01)
             ax.set_ylim(low - pad, high + pad)
         for x, (cell, mean) in enumerate(zip(cells, means)):
             if not np.isfinite(mean):

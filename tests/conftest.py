@@ -26,3 +26,11 @@ def compose_cfg(tmp_path):
             return compose("config", overrides=[*SMOKE_OVERRIDES, f"output_dir={output_dir}", *overrides])
 
     return compose_with
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """The matplotlib figures the code under test saves, kept open to inspect (nothing is written)."""
+    figures = []
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda fig, *a, **k: figures.append(fig))
+    return figures

@@ -54,24 +54,18 @@ def read_csv(path):
         return {row["layer"]: row for row in csv.DictReader(f)}
 
 
-def saved_figures(monkeypatch) -> list:
-    figures = []
-    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda fig, *a, **k: figures.append(fig))
-    return figures
-
-
 def error_bar_lengths(ax) -> list[float]:
     """The drawn error bars of a bar chart (matplotlib draws none for a NaN error)."""
     return [float(abs(seg[1][1] - seg[0][1])) for coll in ax.collections for seg in coll.get_segments() if len(seg)]
 
 
-def test_one_seed_has_no_std_and_unknown_spread(tmp_path, monkeypatch):
+def test_one_seed_has_no_std_and_unknown_spread(tmp_path, request):
     write_run(tmp_path, "a", "classification", "bn_relu", 0, 0.90)
     write_run(tmp_path, "b", "classification", "s0", 0, 0.92)
     write_run(tmp_path, "c", "classification", "s0", 1, 0.94)
     write_report([tmp_path], tmp_path)
     assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
-    figures = saved_figures(monkeypatch)
+    figures = request.getfixturevalue("saved_figures")  # from here on, figures are kept instead of written
     write_report([tmp_path], tmp_path)
     bars = figures[0].subfigs[1].axes[0]
     assert error_bar_lengths(bars) == [pytest.approx(2 * 0.0141421, rel=1e-3)]  # s0's two seeds; bn_relu's one: none
@@ -206,7 +200,7 @@ def test_three_tasks_picture_and_missing_dir(tmp_path, capsys):
     assert "several dirs: give --out DIR" in capsys.readouterr().err
 
 
-def test_architectures_are_columns_ranked_on_their_own(tmp_path, monkeypatch):
+def test_architectures_are_columns_ranked_on_their_own(tmp_path, saved_figures):
     """task.model.arch=a,b: a column per task and architecture (with its kwargs), not superseded records."""
     values = {("torchvision:mobilenet_v2", "bn_relu"): 0.80, ("torchvision:mobilenet_v2", "s0"): 0.85,
               ("timm:efficientnet_b0", "bn_relu"): 0.90, ("timm:efficientnet_b0", "s0"): 0.70}
@@ -215,10 +209,9 @@ def test_architectures_are_columns_ranked_on_their_own(tmp_path, monkeypatch):
                   config={"task": {"model": {"arch": arch, "kwargs": {"width_mult": 0.5} if i < 2 else None}}})
     write_run(tmp_path, "m", "maskrcnn", "s0", 0, 0.2, headline=("val/segm_AP", "max"),
               config={"task": {"model": {"arch": "preact_resnet18", "kwargs": None}}})
-    figures = saved_figures(monkeypatch)
     report = write_report([tmp_path], tmp_path)
     names = [h.name for h in report.headlines]
-    heat_map = figures[0].subfigs[0].axes[0]
+    heat_map = saved_figures[0].subfigs[0].axes[0]
     assert heat_map.get_xticklabels()[1].get_text().startswith("classification\n@ timm:efficientnet_b0\n")
     assert names == ["classification @ torchvision:mobilenet_v2(width_mult=0.5)",
                      "classification @ timm:efficientnet_b0", "maskrcnn"]

@@ -321,7 +321,7 @@ def test_an_evolved_layer_trains_in_the_run_pipeline_under_its_own_name(compose_
     assert record["norm"]["kwargs"]["graph"] == "x * sigmoid(x) / rms_hwg(x)"
 
 
-def test_comparison_ranks_a_run_where_nothing_passed_lowest(tmp_path, monkeypatch):
+def test_comparison_ranks_a_run_where_nothing_passed_lowest(tmp_path, saved_figures):
     runs = [("evolution", 0, 0.635), ("evolution", 1, None), ("evolution", 2, None),
             ("random", 0, 0.483), ("random", 1, None), ("random", 2, 0.689)]
     for i, (strategy, seed, best) in enumerate(runs):
@@ -335,13 +335,11 @@ def test_comparison_ranks_a_run_where_nothing_passed_lowest(tmp_path, monkeypatc
             passed = best is not None and n == 2
             history.append({"kind": "candidate", "status": "passed" if passed else "rejected",
                             "ended_by": None if passed else "quality", "scores": [best, best] if passed else None})
-    figures = []
-    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda fig, *a, **k: figures.append(fig))
     table = write_comparison(tmp_path).read_text()
     assert "| evolution | 3 | 0.6350 (s0), none passed (s1), none passed (s2) | none passed | 100, 100, 100 |" in table
     assert "| random | 3 | 0.4830 (s0), none passed (s1), 0.6890 (s2) | 0.4830 |" in table
     # progress.png: a line per run that found a layer, the others named in the panel, the reference in the legend
-    evolution, random = figures[0].axes
+    evolution, random = saved_figures[0].axes
     assert evolution.get_title() == "evolution (3 runs)\nno candidate passed: seed 1, seed 2"
     assert random.get_title() == "random (3 runs)\nno candidate passed: seed 1"
     assert [t.get_text() for t in random.get_legend().get_texts()] == ["seed 0", "seed 2", "bn_relu (reference) 0.710"]

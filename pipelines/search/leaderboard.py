@@ -288,13 +288,15 @@ def write_progress(path: Path, runs: dict[str, list[tuple[str, list[float | None
                              sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (strategy, curves) in zip(axes[0], runs.items()):
+        nothing = []
         for label, curve in curves:
-            if any(v is not None for v in curve):
+            if all(v is None for v in curve):
+                nothing.append(label)
+            else:
                 ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], lw=1.2,
                         label=label)
         for (name, score), color in zip(sorted(references.items(), key=lambda kv: -kv[1]), colors[::-1]):
             ax.axhline(score, ls="--", lw=0.9, c=color, alpha=0.7, label=f"{name} (reference) {score:.3f}")
-        nothing = [label for label, curve in curves if all(v is None for v in curve)]
         ax.set_title(f"{strategy} ({len(curves)} run{'s' * (len(curves) > 1)})"
                      + (f"\nno candidate passed: {', '.join(nothing)}" if nothing else ""), fontsize=10)
         ax.set_xlabel("candidates evaluated")
@@ -320,11 +322,12 @@ def write_outputs(search_dir: Path, entries: list[dict], cfg: DictConfig, wandb_
     write_leaderboard(search_dir, rows, anchors, summary, cfg.search.series)
     evolved = write_norm_configs(search_dir, rows)
     write_pareto(search_dir, entries, anchors)
-    write_progress(search_dir / "progress.png",
-                   {cfg.search.strategy: [(f"seed {cfg.seed}", best_so_far(entries))]}, reference_means(entries))
+    progress = best_so_far(entries)
+    write_progress(search_dir / "progress.png", {cfg.search.strategy: [(f"seed {cfg.seed}", progress)]},
+                   reference_means(entries))
     best = next((r for r in rows if not r["reference"]), None)
     summary.update(strategy=cfg.search.strategy, series=cfg.search.series, seed=cfg.seed, evolved=evolved,
-                   best_proxy_mean=(best_so_far(entries) or [None])[-1],
+                   best_proxy_mean=(progress or [None])[-1],
                    best=best and {k: best[k] for k in ("name", "formula", "proxy", "rerank", "rerank_mean")},
                    references={r["name"]: {k: r[k] for k in ("proxy", "rerank", "rerank_mean", "rerank_std",
                                                               "rerank_anchor_std")} for r in rows if r["reference"]})

@@ -31,9 +31,10 @@ def build(cfg: DictConfig, norm_act) -> TaskParts:
     # compile=true: the Gs. Not D: called on the real and the fake batch before one backward, its spectral norms
     # fail compiled ("modified by an inplace operation" on the power-iteration vector; eager clones it)
     # divergence: either hinge loss, as a mean over 10 steps (D and G take turns winning: single steps swing several
-    # times the level in a smooth run), far above its recent level; floors at 1, the hinge margin, as D's loss may sit
-    # near 0 and G's cross it while training goes well
-    watched = WatchedLoss(floor=1.0, smooth=10)
+    # times the level in a smooth run), far above its recent level. Floors: D's loss is 2 at chance (D outputs 0 on
+    # every image), so a D that loses its edge for a while and returns to chance is no blow-up; G's floor is the
+    # hinge margin 1, as its loss crosses 0 while training goes well
+    watched = {"loss_d": WatchedLoss(floor=2.0, smooth=10), "loss_g": WatchedLoss(floor=1.0, smooth=10)}
     return TaskParts(module, data, model=f"biggan{model.resolution}", dataset=cfg.data.name, monitor="val/fid_ema",
                      mode="min", compile_targets=("generator", "generator_ema"),
-                     watched_losses={"loss_d": watched, "loss_g": watched})
+                     watched_losses=watched)

@@ -16,7 +16,7 @@ from pipelines.search.evolution import Member, Strategy, pareto_front
 from pipelines.search.fingerprint import fingerprint, probe_outputs, static_problem
 from pipelines.search.history import History
 from pipelines.search.leaderboard import (SUMMARY_FILE, leaderboard_rows, protocol_summary, rerank_jobs, write_comparison,
-                                          write_norm_configs)
+                                          write_leaderboard, write_norm_configs)
 from pipelines.search.mutator import LEAF_NODES, Mutator, series_problem
 from pipelines.search.proxy import ProxyData, build_anchor
 from tests.conftest import CONF_DIR
@@ -262,6 +262,18 @@ def test_leaderboard_ranks_by_rerank_score_and_writes_configs_the_run_pipeline_b
     layer = evonorm.norm_act_factory(norm_layer(cfg.norm), **cfg.norm.kwargs)(32)
     assert isinstance(layer, evonorm.GraphNormAct) and layer.formula == PAPER_LAYERS["s0"] and layer.groups == 32
 
+
+def test_a_search_without_re_rank_lists_its_best_by_proxy_score_beside_the_references(tmp_path):
+    entries = [entry(i, "passed", scores=[i / 20, i / 20]) for i in range(12)] + [entry(12, "rejected", "quality")]
+    entries.append({"kind": "reference", "name": "gn_relu", "status": "passed", "scores": [0.3, 0.22],
+                    "times": {}})
+    rows = leaderboard_rows(entries, keep=0)
+    assert [r["name"] for r in rows] == [f"evolved_h{i}" for i in range(11, 5, -1)] + ["gn_relu"] + [
+        f"evolved_h{i}" for i in (5, 4, 3, 2)]  # the best 10 candidates by proxy mean and the reference, in order
+    assert not any(r["kept"] for r in rows) and all(r["rerank_mean"] is None for r in rows)
+    write_leaderboard(tmp_path, rows, ["a", "b"], protocol_summary(entries), "s")
+    table = [line for line in (tmp_path / "leaderboard.md").read_text().splitlines() if line.startswith("| 1 |")]
+    assert table == ["| 1 | evolved_h11 | `x * v1 + 11` | 0.550 | 0.550 | 0.550 |  |  |  | 0 |  |"]
 
 # --------------------------------------------------------------------------------------------------------------
 # config checks: clear errors before anything starts

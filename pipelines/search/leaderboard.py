@@ -30,6 +30,7 @@ from pipelines.search.history import History
 log = logging.getLogger(__name__)
 TARGET_REFERENCE = {"s": "gn_relu", "b": "bn_relu"}  # the issue's bar for the best layer of each series
 SUMMARY_FILE = "summary.json"
+PROXY_ONLY_ROWS = 10  # candidates on the leaderboard of a search without re-rank (rerank.top=0)
 
 
 def mean(values) -> float | None:
@@ -144,11 +145,16 @@ def protocol_table(summary: dict) -> list[str]:
 
 def leaderboard_rows(entries: list[dict], keep: int) -> list[dict]:
     """The re-ranked layers (best mean re-rank score first; the first ``keep`` candidates are kept) and the
-    references, with per-anchor proxy and re-rank scores (means over re-rank seeds) and the re-rank seed std."""
+    references, with per-anchor proxy and re-rank scores (means over re-rank seeds) and the re-rank seed std.
+    Without a re-rank (``rerank.top=0``): the best ``PROXY_ONLY_ROWS`` candidates and the references by mean proxy
+    score, so that a search run for comparison still shows what it found."""
     reranks: dict[str, list[list[float]]] = {}
     for e in entries:
         if e["kind"] == "rerank" and e["status"] == "passed":
             reranks.setdefault(e["name"], []).append(e["scores"])
+    if not reranks:
+        reranks = {e["name"]: [] for e in proxy_ranking(entries)[:PROXY_ONLY_ROWS]}
+        reranks.update((e["name"], []) for e in entries if e["kind"] == "reference" and e["scores"])
     proxy = {e["name"]: e for e in entries if e["kind"] in ("candidate", "reference")}
     rows = []
     for name, runs in reranks.items():
@@ -162,7 +168,7 @@ def leaderboard_rows(entries: list[dict], keep: int) -> list[dict]:
                      "rerank": means, "rerank_mean": mean(means), "rerank_seeds": len(runs),
                      "rerank_std": std([mean(run) for run in runs]),
                      "rerank_anchor_std": [std(list(col)) for col in zip(*runs)]})
-    rows.sort(key=lambda r: -r["rerank_mean"])
+    rows.sort(key=lambda r: -(r["proxy_mean"] if r["rerank_mean"] is None else r["rerank_mean"]))
     kept = 0
     for row in rows:
         row["kept"] = not row["reference"] and kept < keep
@@ -178,7 +184,7 @@ def target_lines(rows: list[dict], series: str, anchors: list[str]) -> list[str]
     """The best layer of the series against the issue's reference (GN-ReLU for s, BN-ReLU for b), per anchor."""
     best = next((r for r in rows if not r["reference"]), None)
     ref = next((r for r in rows if r["name"] == TARGET_REFERENCE[series]), None)
-    if best is None or ref is None:
+    if best is None or ref is None or not best["rerank"]:
         return []
     deltas = [b - r for b, r in zip(best["rerank"], ref["rerank"])]
     spread = ", ".join(f"{a} {fmt(s)}" for a, s in zip(anchors, ref["rerank_anchor_std"]) if s is not None)
@@ -204,7 +210,7 @@ def write_leaderboard(search_dir: Path, rows: list[dict], anchors: list[str], su
         table.append([i, row["name"] + (" (reference)" if row["reference"] else f" (= {paper})" if paper else ""),
                       row["formula"] or PAPER_LAYERS.get(row["name"], ""),
                       *[fmt(s) for s in (row["proxy"] or [None] * len(anchors))], fmt(row["proxy_mean"]),
-                      *[fmt(s) for s in row["rerank"]],
+                      *[fmt(s) for s in (row["rerank"] or [None] * len(anchors))],
                       fmt(row["rerank_mean"]) + (f" ± {row['rerank_std']:.3f}" if row["rerank_std"] else ""),
                       row["rerank_seeds"], "yes" if row["kept"] else ""])
     with open(search_dir / "leaderboard.csv", "w", newline="") as f:

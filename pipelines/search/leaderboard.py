@@ -290,7 +290,7 @@ def write_progress(path: Path, runs: dict[str, list[tuple[str, list[float | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharex=True,
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 5), squeeze=False, sharex=True,
                              sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (strategy, curves) in zip(axes[0], runs.items()):
@@ -307,7 +307,7 @@ def write_progress(path: Path, runs: dict[str, list[tuple[str, list[float | None
                      + (f"\nno candidate passed: {', '.join(nothing)}" if nothing else ""), fontsize=10)
         ax.set_xlabel("candidates evaluated")
         ax.set_xlim(1, max(len(curve) for _, curve in curves))
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: lines end at the top
     axes[0][0].set_ylabel("best mean proxy top-1 so far")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

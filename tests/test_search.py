@@ -275,6 +275,7 @@ def test_a_search_without_re_rank_lists_its_best_by_proxy_score_beside_the_refer
     table = [line for line in (tmp_path / "leaderboard.md").read_text().splitlines() if line.startswith("| 1 |")]
     assert table == ["| 1 | evolved_h11 | `x * v1 + 11` | 0.550 | 0.550 | 0.550 |  |  |  | 0 |  |"]
 
+
 # --------------------------------------------------------------------------------------------------------------
 # config checks: clear errors before anything starts
 

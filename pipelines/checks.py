@@ -19,13 +19,13 @@ from tasks import TASKS, extra_config_keys
 from tasks.common.datasets import DatasetError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-# may vary between attempts of one run (compile: the same model and numerics up to float rounding)
+# may vary between attempts of one run (compile, channels_last: the same model and numerics up to float rounding)
 CONFIG_KEYS_OF_AN_ATTEMPT = ("ckpt_path", "resume", "output_dir", "logger", "heartbeat_s", "report", "compile",
-                             "divergence")
+                             "channels_last", "divergence")
 # the top-level keys of conf/config.yaml (its own and its groups' packages) and +resume; experiments and budgets
 # are packaged _global_ and add none
-TOP_LEVEL_KEYS = ("seed", "ckpt_path", "test_ckpt", "compile", "output_dir", "heartbeat_s", "divergence", "report",
-                  "task", "norm", "trainer", "logger", "resume")
+TOP_LEVEL_KEYS = ("seed", "ckpt_path", "test_ckpt", "compile", "channels_last", "output_dir", "heartbeat_s",
+                  "divergence", "report", "task", "norm", "trainer", "logger", "resume")
 # Trainer arguments that run() passes itself
 PIPELINE_TRAINER_ARGUMENTS = ("trainer.callbacks", "trainer.logger", "trainer.default_root_dir")
 # what sets a run's length (trainer.max_epochs is ${task.epochs} unless set itself); each must be >= 1

@@ -47,16 +47,38 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def trainer_on_gpu(cfg: DictConfig) -> bool:
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def resolve_compile(cfg: DictConfig) -> bool:
     """``compile``: true / false, or null (auto): on where the trainer runs on GPUs, off on CPU, where compiling
     (minutes for a ResNet) would dominate a short run."""
     choice = cfg.get("compile")
     if choice is None or choice == "auto":
-        accelerator = cfg.trainer.get("accelerator", "auto")
-        return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        return trainer_on_gpu(cfg)
     if isinstance(choice, bool):
         return choice
     raise ConfigError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
+
+
+def has_depthwise_conv(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for m in module.modules())
+
+
+def resolve_channels_last(cfg: DictConfig, module: torch.nn.Module) -> bool:
+    """``channels_last``: true / false, or null (auto): on for a CPU trainer and a model with depthwise convolutions
+    (oneDNN's channels-last kernels make such a training step 1.5-3x faster on CPU: README, Classification), off
+    otherwise (measured on CPU only)."""
+    choice = cfg.get("channels_last")
+    if choice is None or choice == "auto":
+        return not trainer_on_gpu(cfg) and has_depthwise_conv(module)
+    if isinstance(choice, bool):
+        return choice
+    raise ConfigError(f"channels_last must be true, false or null (auto: on for a CPU trainer and a model with "
+                      f"depthwise convolutions), got {choice!r}")
 
 
 def nan_loss_remedies(cfg: DictConfig, automatic_optimization: bool) -> str:
@@ -159,7 +181,8 @@ def check_checkpoint_fits(checkpoint: dict, ckpt_path: Path, module: pl.Lightnin
 
 
 def attempt_summary(record: dict) -> dict:
-    keys = ("status", "error", "steps", "epochs", "wall_time_s", "started_at", "host", "pid", "compile")
+    keys = ("status", "error", "steps", "epochs", "wall_time_s", "started_at", "host", "pid", "compile",
+            "channels_last")
     return {**{k: record.get(k) for k in keys}, "status": effective_status(record)}
 
 
@@ -188,6 +211,7 @@ def run(cfg: DictConfig) -> dict:
         "norm": {"name": cfg.norm.name, "kwargs": OmegaConf.to_container(cfg.norm.kwargs, resolve=True)},
         "model": None, "dataset": None, "seed": cfg.seed, "test": {}, "best_val": {}, "steps": 0, "epochs": 0,
         "wall_time_s": None, "params": None, "divergence": None, "compile": None, "compiled_modules": [],
+        "channels_last": None,
         "git_commit": git_commit(),
         "output_dir": str(output_dir), "resumed_from": str(ckpt_path) if ckpt_path else None, "error": None,
         **process_identity(), "started_at": started, "heartbeat": started, "heartbeat_interval_s": cfg.heartbeat_s,
@@ -211,10 +235,14 @@ def run(cfg: DictConfig) -> dict:
             parts = build_task(cfg.task.name, cfg.task, norm_act)
         except ValueError as e:  # a value the layer or the task refuses (their checks say which and why)
             raise ConfigError(f"task={cfg.task.name} norm={cfg.norm.name} cannot be built from this config: {e}") from e
+        record["channels_last"] = resolve_channels_last(cfg, parts.module)
+        if record["channels_last"]:  # 4-d weights; a convolution's output then follows its weight's layout
+            parts.module.to(memory_format=torch.channels_last)
         record["compile"] = resolve_compile(cfg)
         if record["compile"]:
             record["compiled_modules"] = parts.compile()
-        log.info("compile=%s: %s", cfg.get("compile"), ", ".join(record["compiled_modules"]) or "eager")
+        log.info("compile=%s: %s; channels_last=%s: %s", cfg.get("compile"),
+                 ", ".join(record["compiled_modules"]) or "eager", cfg.get("channels_last"), record["channels_last"])
         record.update(model=parts.model, dataset=parts.dataset, monitor=parts.monitor, mode=parts.mode,
                       params=sum(p.numel() for p in parts.module.parameters()))
         write_record(output_dir, record)  # the task's headline metric, for the report of a run killed from here on

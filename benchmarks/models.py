@@ -27,6 +27,13 @@ another in ``--passes`` interleaved passes; the median is reported.
 
 ``--impls fast-native``: ``impl="fast"`` with native Triton launches (evonorm.triton_native, CUDA: the layers' default);
 ``fast`` rows launch from Python.
+
+``--memory-formats contiguous,channels_last``: every case in each memory format of the model's weights and input
+(``channels_last=`` of the pipeline), side by side; ratios stay to BN-ReLU in the first format. Library classifiers
+too (``--arch torchvision:mobilenet_v2``), e.g. the classification task's default shapes (28 px, 1 channel):
+
+    python benchmarks/models.py --arch torchvision:mobilenet_v2 --layers bn_relu,s0 --impls fast --batch 128 \
+        --size 28 --in-chans 1 --memory-formats contiguous,channels_last --steps 6 --passes 2
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ from tasks.maskrcnn.model import build_maskrcnn  # noqa: E402
 
 DETECTORS = {"maskrcnn_r50_fpn": "preact_resnet50", "maskrcnn_r18_fpn": "preact_resnet18"}
 STOCK = {("torchvision", "stock"): "maskrcnn_resnet50_fpn", ("torchvision", "stock_v2"): "maskrcnn_resnet50_fpn_v2"}
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 BOX_HEADS = {"4conv1fc": {"box_head_convs": 4, "box_head_fcs": 1}, "2fc": {"box_head_convs": 0, "box_head_fcs": 2}}
 
 
@@ -71,11 +79,11 @@ def rss_peak_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def classifier_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: torch.device):
+def classifier_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: torch.device, in_chans: int = 3):
     """(model, input, loss of the model's output)."""
     kwargs = {"impl": impl} if impl != "torch" else {}
-    model = build_model(arch, evonorm.norm_act_factory(layer, **kwargs), 1000)
-    x = torch.randn(batch, 3, size, size, device=dev)
+    model = build_model(arch, evonorm.norm_act_factory(layer, **kwargs), 1000, in_chans=in_chans)
+    x = torch.randn(batch, in_chans, size, size, device=dev)
     y = torch.randint(0, 1000, (batch,), device=dev)
     return model, x, lambda out: torch.nn.functional.cross_entropy(out, y)
 
@@ -107,12 +115,13 @@ def detector_case(arch: str, layer: str, impl: str, batch: int, size: int, dev: 
 
 def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int, device: str,
             autocast: str | None = None, box_head: str = "4conv1fc", host_profile: bool = False,
-            compile: bool = False) -> dict:
+            compile: bool = False, memory_format: str = "contiguous", in_chans: int = 3) -> dict:
     """Runs in the child: build, one warm-up step, ``steps`` timed steps; times in ms, memory in bytes. ``autocast``
     names the dtype of a ``torch.autocast`` region around the forward and the loss (mixed precision);
     ``host_profile`` prints where the host's time of one more step goes; ``compile`` compiles the model in place
     (``nn.Module.compile``; Mask R-CNN: its backbone and FPN, as ``compile=true`` does in the pipeline), and the
-    warm-up step's time, which includes compiling, is reported as ``compile_s``. Saved bytes and peak memory are the
+    warm-up step's time, which includes compiling, is reported as ``compile_s``; ``memory_format=channels_last``: the
+    model's 4-d weights and a classifier's input channels-last. Saved bytes and peak memory are the
     model's as timed (compiled, in its precision), the peak over the timed steps only."""
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -122,8 +131,11 @@ def measure(arch: str, layer: str, impl: str, batch: int, size: int, steps: int,
     if detector:
         model, x, loss_of = detector_case(arch, layer, impl, batch, size, dev, box_head)
     else:
-        model, x, loss_of = classifier_case(arch, layer, impl, batch, size, dev)
-    model = model.to(dev).train()
+        model, x, loss_of = classifier_case(arch, layer, impl, batch, size, dev, in_chans)
+    layout = MEMORY_FORMATS[memory_format]
+    model = model.to(dev, memory_format=layout).train()
+    if not detector:
+        x = x.contiguous(memory_format=layout)
     optimizer = torch.optim.SGD(evonorm.param_groups_weight_decay(model, 1e-4), lr=0.01, momentum=0.9)
     args = x if isinstance(x, list) else [x]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -228,6 +240,9 @@ def main(argv=None):
                         help="box head of our Mask R-CNN (the stock models keep theirs)")
     parser.add_argument("--json", type=Path, default=None,
                         help="output path (default benchmarks/results/models-<arch>-<device>.json)")
+    parser.add_argument("--memory-formats", default="contiguous",
+                        help="contiguous, channels_last or both (every case in each, side by side)")
+    parser.add_argument("--in-chans", type=int, default=3, help="classifiers: input channels")
     parser.add_argument("--quick", action="store_true", help="tiny model input, a smoke run of a few seconds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -240,32 +255,39 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown layers {sorted(unknown)}; valid: {', '.join(evonorm.NORM_ACT_NAMES)}")
 
-    runs: dict[tuple[str, str], list[dict]] = {}
+    formats = args.memory_formats.split(",")
+    if set(formats) - set(MEMORY_FORMATS):
+        raise SystemExit(f"--memory-formats {args.memory_formats}: choose from contiguous, channels_last")
+    runs: dict[tuple[str, str, str], list[dict]] = {}
     for _ in range(args.passes):
         for layer, impl in cases(args.layers.split(","), args.impls.split(","), args.arch in DETECTORS):
-            spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
-                        steps=args.steps, device=args.device, autocast=args.autocast, box_head=args.box_head,
-                        host_profile=args.host_profile, compile=args.compile)
-            print(f"{layer}/{impl} ...", file=sys.stderr, flush=True)
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
-                                 text=True, check=True)  # the child's warnings (a fallback, say) reach stderr
-            runs.setdefault((layer, impl), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            for memory_format in formats:
+                spec = dict(arch=args.arch, layer=layer, impl=impl, batch=args.batch, size=args.size,
+                            steps=args.steps, device=args.device, autocast=args.autocast, box_head=args.box_head,
+                            host_profile=args.host_profile, compile=args.compile, memory_format=memory_format,
+                            in_chans=args.in_chans)
+                print(f"{layer}/{impl}/{memory_format} ...", file=sys.stderr, flush=True)
+                out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
+                                     text=True, check=True)  # the child's warnings (a fallback, say) reach stderr
+                runs.setdefault((layer, impl, memory_format), []).append(
+                    json.loads(out.stdout.strip().splitlines()[-1]))
 
-    results = [{"layer": layer, "impl": impl,
+    results = [{"layer": layer, "impl": impl, "memory_format": memory_format,
                 **{k: None if rs[0][k] is None else statistics.median(r[k] for r in rs) for k in rs[0]}}
-               for (layer, impl), rs in runs.items()]
+               for (layer, impl, memory_format), rs in runs.items()]
     base = results[0]
     for r in results:
         for key in ("step_ms", "device_ms", "peak_bytes", "saved_bytes"):
             r[key.split("_")[0] + "_ratio"] = r[key] / base[key] if base[key] else None
     precision = f"autocast {args.autocast}" if args.autocast else "float32"
     compiled = ", compiled" if args.compile else ""
-    print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, {precision}{compiled}, ratios to bn_relu:")
-    print(f"{'layer':11} {'impl':9} {'step ms':>9} {'x':>6} {'host ms':>8} {'device ms':>9} {'x':>6} "
+    print(f"{args.arch}, batch {args.batch} x {args.size}px, {args.device}, {precision}{compiled}, ratios to bn_relu"
+          f" ({formats[0]}):")
+    print(f"{'layer':11} {'impl':9} {'format':13} {'step ms':>9} {'x':>6} {'host ms':>8} {'device ms':>9} {'x':>6} "
           f"{'peak MB':>9} {'x':>6} {'saved MB':>9} {'x':>6} {'compile s':>9}")
     for r in results:
         fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)  # noqa: E731
-        print(f"{r['layer']:11} {r['impl']:9} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
+        print(f"{r['layer']:11} {r['impl']:9} {r['memory_format']:13} {r['step_ms']:9.1f} {fmt(r['step_ratio']):>6} "
               f"{fmt(r['host_ms'], '.1f'):>8} {fmt(r['device_ms'], '.1f'):>9} {fmt(r['device_ratio']):>6} "
               f"{r['peak_bytes'] / 2**20:9.1f} {fmt(r['peak_ratio']):>6} {r['saved_bytes'] / 2**20:9.1f} "
               f"{fmt(r['saved_ratio']):>6} {fmt(r['compile_s'], '.1f'):>9}")
@@ -273,7 +295,7 @@ def main(argv=None):
     path = args.json or ROOT / "benchmarks" / "results" / f"models-{args.arch}-{args.device}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arch": args.arch, "batch": args.batch, "size": args.size, "device": args.device,
-            "autocast": args.autocast, "compile": args.compile,
+            "autocast": args.autocast, "compile": args.compile, "memory_formats": formats, "in_chans": args.in_chans,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -53,6 +53,23 @@ def test_compiled_saved_bytes_are_the_compiled_models_in_its_precision(monkeypat
     assert seen == [(True, torch.bfloat16, True)] and row["saved_bytes"] == 1 and row["peak_bytes"] >= 0
 
 
+def test_model_benchmark_runs_each_case_in_each_memory_format(tmp_path, monkeypatch):
+    out = tmp_path / "models.json"
+    models.main(["--quick", "--arch", "mobilenet_v2", "--layers", "bn_relu,s0", "--impls", "fast", "--in-chans", "1",
+                 "--memory-formats", "contiguous,channels_last", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(r["layer"], r["memory_format"]) for r in saved["results"]] == [
+        ("bn_relu", "contiguous"), ("bn_relu", "channels_last"), ("s0", "contiguous"), ("s0", "channels_last")]
+    assert all(r["step_ratio"] == r["step_ms"] / saved["results"][0]["step_ms"] for r in saved["results"])
+    seen = []  # what the channels-last child times: its weights and input in that format
+    monkeypatch.setattr(models, "saved_bytes", lambda model, x: seen.append(
+        (x.shape[1], x.is_contiguous(memory_format=torch.channels_last),
+         all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4))) or 1)
+    models.measure("mobilenet_v2", "s0", "fast", batch=2, size=32, steps=1, device="cpu",
+                   memory_format="channels_last", in_chans=1)
+    assert seen == [(1, True, True)]
+
+
 def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
     from benchmarks import detection_step
     from tests.test_maskrcnn import TINY_OVERRIDES

@@ -4,6 +4,9 @@
 // evonorm/fused.py (which documents the derivations); sums accumulate in double like ATen's CPU reductions.
 // A layer call is one C++ autograd node (batch_act, sample_act): on small maps the bookkeeping of a Python autograd
 // function costs more than these kernels. Built by evonorm/cpu_kernels.py; registered as torch.ops.evonorm_cpu.*.
+// Two memory layouts: contiguous (N, C, H, W), whose per-(n, c) rows are contiguous, and channels-last, where a
+// sample is an (H W, C) block: per-(n, c) quantities are its columns, the loops run over channels innermost and the
+// per-(n, c) coefficients are arrays. Same formulas either way; only the order of the sums differs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -64,6 +67,27 @@ inline void moments(const float* p, int64_t len, float& mean, float& var) {
   var = static_cast<float>(ss / len);
 }
 
+// Per (n, c) mean and biased variance of an (len, c) block (a channels-last sample): exact two-pass in double.
+void column_moments(const float* p, int64_t len, int64_t c, float* mean, float* var) {
+  std::vector<double> sums(c, 0.0), squares(c, 0.0);
+  double *s = sums.data(), *ss = squares.data();
+  for (int64_t i = 0; i < len; ++i) {
+    const float* r = p + i * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) s[ch] += r[ch];
+  }
+  for (int64_t ch = 0; ch < c; ++ch) s[ch] /= len;
+  for (int64_t i = 0; i < len; ++i) {
+    const float* r = p + i * c;
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double d = r[ch] - s[ch];
+      ss[ch] += d * d;
+    }
+  }
+  for (int64_t ch = 0; ch < c; ++ch) mean[ch] = static_cast<float>(s[ch]), var[ch] = static_cast<float>(ss[ch] / len);
+}
+
 // Rows in parallel, at least kGrain elements per thread.
 template <typename F>
 void for_rows(int64_t rows, int64_t len, const F& f) {
@@ -72,9 +96,29 @@ void for_rows(int64_t rows, int64_t len, const F& f) {
   });
 }
 
+// The channels-last path: x channels-last and not contiguous, or with 1x1 maps (both layouts at once, where rows of
+// one element would cost a loop each).
+bool channels_last(const Tensor& x) {
+  return x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         (!x.is_contiguous() || x.size(2) * x.size(3) == 1);
+}
+
+at::MemoryFormat layout(const Tensor& x) {
+  return channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 void check(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() >= 2,
-              "evonorm_cpu: ", name, " must be a contiguous float32 CPU tensor of at least 2 dimensions");
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() >= 2 &&
+                  (t.is_contiguous() || channels_last(t)),
+              "evonorm_cpu: ", name, " must be a contiguous or channels-last float32 CPU tensor of at least 2 "
+              "dimensions");
+}
+
+// grad_y in x's layout.
+void check_grad(const Tensor& grad_y, const Tensor& x) {
+  check(grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(layout(x)),
+              "evonorm_cpu: grad_y must have the shape and the memory layout of x");
 }
 
 // A small operand (parameter or statistics) of numel float32 elements, contiguous.
@@ -127,12 +171,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const 
   small(running_var, c, "running_var");
   TORCH_CHECK(running_var.is_contiguous(), "evonorm_cpu: running_var must be contiguous (it is updated in place)");
   float* prv = running_var.data_ptr<float>();
+  const bool nhwc = channels_last(x);
   auto y = at::empty_like(x);
   auto mean = at::empty({n, c}, x.options()), var = at::empty({n, c}, x.options());
   auto batch_std = at::empty({c}, x.options());
   const float* px = x.data_ptr<float>();
   float *pm = mean.data_ptr<float>(), *pv = var.data_ptr<float>(), *pbs = batch_std.data_ptr<float>();
-  for_rows(n * c, len, [&](int64_t row) { moments(px + row * len, len, pm[row], pv[row]); });
+  if (nhwc) {
+    for_rows(n, len * c, [&](int64_t i) { column_moments(px + i * len * c, len, c, pm + i * c, pv + i * c); });
+  } else {
+    for_rows(n * c, len, [&](int64_t row) { moments(px + row * len, len, pm[row], pv[row]); });
+  }
 
   const float feps = static_cast<float>(eps);
   for (int64_t ch = 0; ch < c; ++ch) {
@@ -149,6 +198,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const 
   }
 
   float* py = y.data_ptr<float>();
+  if (nhwc) {
+    std::vector<float> a(n * c), b(n * c), scale(c);
+    for (int64_t row = 0; row < n * c; ++row) {
+      const int64_t ch = row % c;
+      const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
+      a[row] = t.alpha / pbs[ch], b[row] = t.beta / pbs[ch];
+    }
+    for (int64_t ch = 0; ch < c; ++ch) scale[ch] = pw[ch] / pbs[ch];
+    const float* ps = scale.data();
+    for_rows(n * len, c, [&](int64_t pos) {
+      const float *xr = px + pos * c, *ar = a.data() + pos / len * c, *br = b.data() + pos / len * c;
+      float* yr = py + pos * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) yr[ch] = xr[ch] / batch_r(xr[ch], ar[ch], br[ch]) * ps[ch] + pb[ch];
+    });
+    return {y, mean, var, batch_std};
+  }
   for_rows(n * c, len, [&](int64_t row) {
     const int64_t ch = row % c;
     const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
@@ -166,9 +232,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
                                                           const Tensor& var, const Tensor& batch_std, int64_t variant,
                                                           double eps, bool training) {
   check(x, "x");
-  check(grad_y, "grad_y");
+  check_grad(grad_y, x);
+  const bool nhwc = channels_last(x);
   const int64_t n = x.size(0), c = x.size(1), len = x.numel() / std::max<int64_t>(n * c, 1), rows = n * c;
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "evonorm_cpu: grad_y must have the shape of x");
   const Tensor w = small(weight, c, "weight"), vv = small(v, c, "v"), m = small(mean, rows, "mean");
   const Tensor vr = small(var, rows, "var"), bs = small(batch_std, c, "batch_std");
   const float *px = x.data_ptr<float>(), *pg = grad_y.data_ptr<float>(), *pw = data(w), *pvv = data(vv);
@@ -178,25 +244,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
   // q_inst = q on the instance branch r > 1).
   std::vector<float> a(rows), b(rows), beta(rows), sum_gy(rows), dot_gy_t(rows), dot_all(rows), sum_inst(rows),
       dot_inst_x(rows);
-  for_rows(rows, len, [&](int64_t row) {
-    const int64_t ch = row % c;
-    const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
-    const float ar = t.alpha / pbs[ch], br = t.beta / pbs[ch];
-    const float *xr = px + row * len, *gr = pg + row * len;
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
-    for (int64_t start = 0; start < len; start += kBlock) {
-      float b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
-#pragma omp simd reduction(+ : b0, b1, b2, b3, b4)
-      for (int64_t i = start; i < std::min(len, start + kBlock); ++i) {
-        const float r = batch_r(xr[i], ar, br), inv_r = 1.0f / r, tt = xr[i] * inv_r, q = gr[i] * tt * inv_r;
-        const float q_inst = r > 1.0f ? q : 0.0f;
-        b0 += gr[i], b1 += gr[i] * tt, b2 += q, b3 += q_inst, b4 += q_inst * xr[i];
-      }
-      s0 += b0, s1 += b1, s2 += b2, s3 += b3, s4 += b4;
+  if (nhwc) {
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t ch = row % c;
+      const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
+      a[row] = t.alpha / pbs[ch], b[row] = t.beta / pbs[ch], beta[row] = t.beta;
     }
-    a[row] = ar, b[row] = br, beta[row] = t.beta;
-    sum_gy[row] = s0, dot_gy_t[row] = s1, dot_all[row] = s2, sum_inst[row] = s3, dot_inst_x[row] = s4;
-  });
+    for_rows(n, len * c, [&](int64_t i) {
+      std::vector<double> sums(5 * c, 0.0);
+      double *s0 = sums.data(), *s1 = s0 + c, *s2 = s1 + c, *s3 = s2 + c, *s4 = s3 + c;
+      const float *ar = a.data() + i * c, *br = b.data() + i * c;
+      for (int64_t pos = i * len; pos < (i + 1) * len; ++pos) {
+        const float *xr = px + pos * c, *gr = pg + pos * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float r = batch_r(xr[ch], ar[ch], br[ch]), inv_r = 1.0f / r, tt = xr[ch] * inv_r;
+          const float q = gr[ch] * tt * inv_r, q_inst = r > 1.0f ? q : 0.0f;
+          s0[ch] += gr[ch], s1[ch] += gr[ch] * tt, s2[ch] += q, s3[ch] += q_inst, s4[ch] += q_inst * xr[ch];
+        }
+      }
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t row = i * c + ch;
+        sum_gy[row] = s0[ch], dot_gy_t[row] = s1[ch], dot_all[row] = s2[ch], sum_inst[row] = s3[ch];
+        dot_inst_x[row] = s4[ch];
+      }
+    });
+  } else {
+    for_rows(rows, len, [&](int64_t row) {
+      const int64_t ch = row % c;
+      const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
+      const float ar = t.alpha / pbs[ch], br = t.beta / pbs[ch];
+      const float *xr = px + row * len, *gr = pg + row * len;
+      double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+      for (int64_t start = 0; start < len; start += kBlock) {
+        float b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
+  #pragma omp simd reduction(+ : b0, b1, b2, b3, b4)
+        for (int64_t i = start; i < std::min(len, start + kBlock); ++i) {
+          const float r = batch_r(xr[i], ar, br), inv_r = 1.0f / r, tt = xr[i] * inv_r, q = gr[i] * tt * inv_r;
+          const float q_inst = r > 1.0f ? q : 0.0f;
+          b0 += gr[i], b1 += gr[i] * tt, b2 += q, b3 += q_inst, b4 += q_inst * xr[i];
+        }
+        s0 += b0, s1 += b1, s2 += b2, s3 += b3, s4 += b4;
+      }
+      a[row] = ar, b[row] = br, beta[row] = t.beta;
+      sum_gy[row] = s0, dot_gy_t[row] = s1, dot_all[row] = s2, sum_inst[row] = s3, dot_inst_x[row] = s4;
+    });
+  }
 
   // Coefficients of grad_x = (gy / r - a q_inst) scale + k1 (x - mean) + k0 and the parameter gradients.
   auto grad_weight = at::empty({c}, x.options()), grad_bias = at::empty({c}, x.options());
@@ -230,6 +323,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
 
   auto grad_x = at::empty_like(x);
   float* pgx = grad_x.data_ptr<float>();
+  if (nhwc) {
+    std::vector<float> scale(c);
+    for (int64_t ch = 0; ch < c; ++ch) scale[ch] = pw[ch] / pbs[ch];
+    const float* ps = scale.data();
+    for_rows(n * len, c, [&](int64_t pos) {
+      const int64_t base = pos / len * c;
+      const float *ar = a.data() + base, *br = b.data() + base, *kr1 = k1.data() + base, *kr0 = k0.data() + base;
+      const float *center = pm + base, *xr = px + pos * c, *gr = pg + pos * c;
+      float* out = pgx + pos * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float r = batch_r(xr[ch], ar[ch], br[ch]), inv_r = 1.0f / r;
+        const float q_inst = r > 1.0f ? gr[ch] * xr[ch] * inv_r * inv_r : 0.0f;
+        out[ch] = (gr[ch] * inv_r - q_inst * ar[ch]) * ps[ch] + kr1[ch] * (xr[ch] - center[ch]) + kr0[ch];
+      }
+    });
+    return {grad_x, grad_weight, grad_bias, grad_v};
+  }
   for_rows(rows, len, [&](int64_t row) {
     const int64_t ch = row % c;
     const float ar = a[row], br = b[row], scale = pw[ch] / pbs[ch], kr1 = k1[row], kr0 = k0[row], center = pm[row];
@@ -256,21 +367,68 @@ std::tuple<Tensor, Tensor, Tensor> sample_forward(const Tensor& x, const Tensor&
   const int64_t n = x.size(0), c = x.size(1), len = x.numel() / std::max<int64_t>(n * c, 1);
   TORCH_CHECK(groups > 0 && c % groups == 0, "evonorm_cpu: groups must divide the channels");
   const int64_t per_group = c / groups;
+  const bool nhwc = channels_last(x);
   auto y = at::empty_like(x);
   auto mean = at::empty({n, groups}, x.options()), rstd = at::empty({n, groups}, x.options());
   const float* px = x.data_ptr<float>();
   float *pm = mean.data_ptr<float>(), *pr = rstd.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-  for_rows(n * groups, per_group * len, [&](int64_t row) {
-    float m, var;
-    moments(px + row * per_group * len, per_group * len, m, var);
+  const auto normalize = [&](int64_t row, float m, float var) {
     pm[row] = m;
     pr[row] = 1.0f / std::sqrt(centered ? var + feps : var + m * m + feps);
-  });
+  };
+  if (nhwc) {  // per channel, then per group: the sums of a group's columns
+    for_rows(n, len * c, [&](int64_t i) {
+      const float* p = px + i * len * c;
+      std::vector<double> sums(c, 0.0), squares(c, 0.0), group_mean(groups), channel_mean(c);
+      double *s = sums.data(), *ss = squares.data(), *cm = channel_mean.data();
+      for (int64_t pos = 0; pos < len; ++pos) {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) s[ch] += p[pos * c + ch];
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        double total = 0;
+        for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) total += s[ch];
+        group_mean[g] = total / (per_group * len);
+      }
+      for (int64_t ch = 0; ch < c; ++ch) cm[ch] = group_mean[ch / per_group];
+      for (int64_t pos = 0; pos < len; ++pos) {
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const double d = p[pos * c + ch] - cm[ch];
+          ss[ch] += d * d;
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        double total = 0;
+        for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) total += ss[ch];
+        normalize(i * groups + g, static_cast<float>(group_mean[g]), static_cast<float>(total / (per_group * len)));
+      }
+    });
+  } else {
+    for_rows(n * groups, per_group * len, [&](int64_t row) {
+      float m, var;
+      moments(px + row * per_group * len, per_group * len, m, var);
+      normalize(row, m, var);
+    });
+  }
 
   const Tensor w = small(weight, c, "weight"), sh = small(bias, c, "bias"), vv = small(v, c, "v");
   const float *pw = data(w), *pb = data(sh), *pvv = data(vv);
   float* py = y.data_ptr<float>();
+  if (nhwc) {
+    std::vector<float> scale(n * c), ones(pvv ? 0 : c, 1.0f);
+    for (int64_t row = 0; row < n * c; ++row) scale[row] = pw[row % c] * pr[row / per_group];
+    const float* pv = pvv ? pvv : ones.data();
+    for_rows(n * len, c, [&](int64_t pos) {
+      const float *xr = px + pos * c, *sr = scale.data() + pos / len * c;
+      float* yr = py + pos * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) yr[ch] = xr[ch] * sigmoid(pv[ch] * xr[ch]) * sr[ch] + pb[ch];
+    });
+    if (!centered) mean = at::empty({0}, x.options());
+    return {y, mean, rstd};
+  }
   for_rows(n * c, len, [&](int64_t row) {
     const int64_t ch = row % c;
     const float scale = pw[ch] * pr[row / per_group], shift = pb[ch], vr = pvv ? pvv[ch] : 1.0f;
@@ -288,32 +446,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sample_backward(const Tensor& x, cons
                                                            const std::optional<Tensor>& mean, const Tensor& rstd,
                                                            int64_t groups) {
   check(x, "x");
-  check(grad_y, "grad_y");
+  check_grad(grad_y, x);
+  const bool nhwc = channels_last(x);
   const int64_t n = x.size(0), c = x.size(1), len = x.numel() / std::max<int64_t>(n * c, 1), rows = n * c;
   TORCH_CHECK(groups > 0 && c % groups == 0, "evonorm_cpu: groups must divide the channels");
   const int64_t per_group = c / groups;
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "evonorm_cpu: grad_y must have the shape of x");
   const Tensor w = small(weight, c, "weight"), vv = small(v, c, "v");
   const Tensor m = small(mean, n * groups, "mean"), r = small(rstd, n * groups, "rstd");
   const float *px = x.data_ptr<float>(), *pg = grad_y.data_ptr<float>(), *pw = data(w), *pvv = data(vv);
   const float *pr = data(r), *pm = data(m);
   // Per (n, c): sums over (H, W) of gy, gy num and gy d num / dv = gy x^2 s (1 - s), s = sigmoid(v x).
-  std::vector<float> sum_gy(rows), dot_gy_num(rows), dot_v(rows);
-  for_rows(rows, len, [&](int64_t row) {
-    const float vr = pvv ? pvv[row % c] : 1.0f;
-    const float *xr = px + row * len, *gr = pg + row * len;
-    double s0 = 0, s1 = 0, s2 = 0;
-    for (int64_t start = 0; start < len; start += kBlock) {
-      float b0 = 0, b1 = 0, b2 = 0;
-#pragma omp simd reduction(+ : b0, b1, b2)
-      for (int64_t i = start; i < std::min(len, start + kBlock); ++i) {
-        const float s = sigmoid(vr * xr[i]), gy_x = gr[i] * xr[i];
-        b0 += gr[i], b1 += gy_x * s, b2 += gy_x * s * (1.0f - s) * xr[i];
+  std::vector<float> sum_gy(rows), dot_gy_num(rows), dot_v(rows), ones(pvv ? 0 : c, 1.0f);
+  const float* pv = pvv ? pvv : ones.data();
+  if (nhwc) {
+    for_rows(n, len * c, [&](int64_t i) {
+      std::vector<double> sums(3 * c, 0.0);
+      double *s0 = sums.data(), *s1 = s0 + c, *s2 = s1 + c;
+      for (int64_t pos = i * len; pos < (i + 1) * len; ++pos) {
+        const float *xr = px + pos * c, *gr = pg + pos * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const float s = sigmoid(pv[ch] * xr[ch]), gy_x = gr[ch] * xr[ch];
+          s0[ch] += gr[ch], s1[ch] += gy_x * s, s2[ch] += gy_x * s * (1.0f - s) * xr[ch];
+        }
       }
-      s0 += b0, s1 += b1, s2 += b2;
-    }
-    sum_gy[row] = s0, dot_gy_num[row] = s1, dot_v[row] = s2;
-  });
+      for (int64_t ch = 0; ch < c; ++ch) {
+        sum_gy[i * c + ch] = s0[ch], dot_gy_num[i * c + ch] = s1[ch], dot_v[i * c + ch] = s2[ch];
+      }
+    });
+  } else {
+    for_rows(rows, len, [&](int64_t row) {
+      const float vr = pvv ? pvv[row % c] : 1.0f;
+      const float *xr = px + row * len, *gr = pg + row * len;
+      double s0 = 0, s1 = 0, s2 = 0;
+      for (int64_t start = 0; start < len; start += kBlock) {
+        float b0 = 0, b1 = 0, b2 = 0;
+  #pragma omp simd reduction(+ : b0, b1, b2)
+        for (int64_t i = start; i < std::min(len, start + kBlock); ++i) {
+          const float s = sigmoid(vr * xr[i]), gy_x = gr[i] * xr[i];
+          b0 += gr[i], b1 += gy_x * s, b2 += gy_x * s * (1.0f - s) * xr[i];
+        }
+        s0 += b0, s1 += b1, s2 += b2;
+      }
+      sum_gy[row] = s0, dot_gy_num[row] = s1, dot_v[row] = s2;
+    });
+  }
 
   // k1 per (n, group): dL/d rstd = sum of weight gy num over the group, d rstd / dx = -rstd^3 (x - center) / M.
   std::vector<float> k1(n * groups);
@@ -338,6 +515,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sample_backward(const Tensor& x, cons
 
   auto grad_x = at::empty_like(x);
   float* pgx = grad_x.data_ptr<float>();
+  if (nhwc) {  // per-(n, c) factors: scale, k and center of the channel's group
+    std::vector<float> scale(rows), k(rows), center(rows);
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t group = row / per_group;
+      scale[row] = pw[row % c] * pr[group], k[row] = k1[group], center[row] = pm ? pm[group] : 0.0f;
+    }
+    for_rows(n * len, c, [&](int64_t pos) {
+      const int64_t base = pos / len * c;
+      const float *sr = scale.data() + base, *kr = k.data() + base, *cr = center.data() + base;
+      const float *xr = px + pos * c, *gr = pg + pos * c;
+      float* out = pgx + pos * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float z = pv[ch] * xr[ch], s = sigmoid(z);
+        out[ch] = gr[ch] * (s + z * s * (1.0f - s)) * sr[ch] + kr[ch] * (xr[ch] - cr[ch]);
+      }
+    });
+    return {grad_x, grad_weight, grad_bias, grad_v};
+  }
   for_rows(rows, len, [&](int64_t row) {
     const int64_t group = row / per_group;
     const float vr = pvv ? pvv[row % c] : 1.0f, scale = pw[row % c] * pr[group], k = k1[group];
@@ -363,13 +559,16 @@ c10::TypedOperatorHandle<Signature> kernel(const char* name) {
 
 std::optional<Tensor> optional(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 
-// x is saved as given and made contiguous again in backward; v undefined for B1 and B2.
+// x in the kernels' layouts: channels-last as given, anything else contiguous.
+Tensor dense(const Tensor& x) { return channels_last(x) ? x : x.contiguous(); }
+
+// x is saved as given and made dense again in backward; v undefined for B1 and B2.
 struct BatchAct : torch::autograd::Function<BatchAct> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const std::optional<Tensor>& v, const Tensor& running_var, int64_t variant, double eps,
                         double momentum, bool training) {
     static auto op = kernel<decltype(batch_forward)>("evonorm_cpu::batch_forward");
-    auto [y, mean, var, batch_std] = op.call(x.contiguous(), weight, bias, v, running_var, variant, eps, momentum,
+    auto [y, mean, var, batch_std] = op.call(dense(x), weight, bias, v, running_var, variant, eps, momentum,
                                              training);
     ctx->save_for_backward({x, weight, v.value_or(Tensor()), mean, var, batch_std});
     ctx->saved_data["variant"] = variant;
@@ -382,8 +581,9 @@ struct BatchAct : torch::autograd::Function<BatchAct> {
     static auto op = kernel<decltype(batch_backward)>("evonorm_cpu::batch_backward");
     return evonorm::once_differentiable(grads, [&]() -> variable_list {
       auto s = ctx->get_saved_variables();
-      auto [gx, gw, gb, gv] = op.call(s[0].contiguous(), grads[0].contiguous(), s[1], optional(s[2]), s[3], s[4],
-                                      s[5], ctx->saved_data["variant"].toInt(), ctx->saved_data["eps"].toDouble(),
+      const Tensor x = dense(s[0]);
+      auto [gx, gw, gb, gv] = op.call(x, grads[0].contiguous(layout(x)), s[1], optional(s[2]), s[3], s[4], s[5],
+                                      ctx->saved_data["variant"].toInt(), ctx->saved_data["eps"].toDouble(),
                                       ctx->saved_data["training"].toBool());
       return {gx, gw, gb, s[2].defined() ? gv : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     });
@@ -395,7 +595,7 @@ struct SampleAct : torch::autograd::Function<SampleAct> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                         const std::optional<Tensor>& v, int64_t groups, double eps, bool centered) {
     static auto op = kernel<decltype(sample_forward)>("evonorm_cpu::sample_forward");
-    auto [y, mean, rstd] = op.call(x.contiguous(), weight, bias, v, groups, eps, centered);
+    auto [y, mean, rstd] = op.call(dense(x), weight, bias, v, groups, eps, centered);
     ctx->save_for_backward({x, weight, v.value_or(Tensor()), centered ? mean : Tensor(), rstd});
     ctx->saved_data["groups"] = groups;
     return y;
@@ -405,8 +605,9 @@ struct SampleAct : torch::autograd::Function<SampleAct> {
     static auto op = kernel<decltype(sample_backward)>("evonorm_cpu::sample_backward");
     return evonorm::once_differentiable(grads, [&]() -> variable_list {
       auto s = ctx->get_saved_variables();
-      auto [gx, gw, gb, gv] = op.call(s[0].contiguous(), grads[0].contiguous(), s[1], optional(s[2]),
-                                      optional(s[3]), s[4], ctx->saved_data["groups"].toInt());
+      const Tensor x = dense(s[0]);
+      auto [gx, gw, gb, gv] = op.call(x, grads[0].contiguous(layout(x)), s[1], optional(s[2]), optional(s[3]),
+                                      s[4], ctx->saved_data["groups"].toInt());
       return {gx, gw, gb, s[2].defined() ? gv : Tensor(), Tensor(), Tensor(), Tensor()};
     });
   }

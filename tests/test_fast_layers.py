@@ -351,6 +351,34 @@ def test_cpu_kernels_in_threads_match_reference(monkeypatch):
     assert not fused._cpu_state["failed"]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernels_take_channels_last_inputs_as_they_are(threads, monkeypatch):
+    """A channels-last input runs the kernels' channels-last loops: output and input gradient come back
+    channels-last (no copy into or out of the contiguous layout) and match the reference on the contiguous input,
+    whatever the layout of the output gradient; so do 1x1 maps, where the two layouts coincide."""
+    monkeypatch.setitem(fused._compile_state, "mode", "auto")
+    monkeypatch.setitem(fused._cpu_state, "failed", False)
+    torch.set_num_threads(threads)
+    channels_last = torch.channels_last
+    for shape in [*SHAPES, (64, 48, 16, 16)]:  # the last: samples split across threads
+        for name, training in CASES:
+            fast, ref = make_pair(name, shape[1], training)
+            x, grad_y = sample(shape), sample(shape, seed=2)
+            want = run(ref, x, grad_y)
+            for grad_layout in (torch.contiguous_format, channels_last):
+                layer = copy.deepcopy(fast)
+                xc = x.to(memory_format=channels_last).requires_grad_()
+                y = layer(xc)
+                y.backward(grad_y.contiguous(memory_format=grad_layout))
+                assert y.is_contiguous(memory_format=channels_last), (name, shape)
+                assert xc.grad.is_contiguous(memory_format=channels_last), (name, shape)
+                got = [y, xc.grad, *(p.grad for p in layer.parameters())]
+                got += [layer.running_var] if hasattr(layer, "running_var") else []
+                for g, w in zip(got, want):
+                    assert (g - w).abs().max() <= 1e-5 * max(1.0, w.abs().max().item()), (name, training, shape)
+    assert not fused._cpu_state["failed"]
+
+
 def test_transforms_need_the_reference_impl_and_leave_cpu_kernels_on(monkeypatch):
     """torch.func transforms and forward-mode AD reject the fast layers (custom first-order autograd functions) with
     an error, not a fallback that would turn the fused CPU kernels off for the calls after; impl="reference" runs."""

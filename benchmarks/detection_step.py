@@ -5,7 +5,8 @@ Each variant is a set of Hydra overrides on top of the common ones; its model is
 many more positive RoIs than a fresh one, and the RoI heads' share of a step grows with them, so a late-training
 step is only measured from trained weights. A step is the forward and backward of the training losses (no
 optimizer update: the weights stay as loaded) on the first training batches of the data module, the variants
-alternating batch by batch; the report is the median step time of each and its ratio to the first variant.
+alternating batch by batch; the report is the median step time of each and its ratio to the first variant. A
+variant may set ``channels_last=true`` (the model's layout, as in a run).
 
     python benchmarks/detection_step.py norm=b0 --ckpt outputs/runs/maskrcnn/b0/<time>/checkpoints/last.ckpt \\
         --variant task.model.roi_sampling_ratio=2 --variant task.model.roi_sampling_ratio=1
@@ -24,6 +25,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from evonorm import norm_act_factory  # noqa: E402
+from pipelines.run import resolve_channels_last  # noqa: E402
 from tasks import build_task  # noqa: E402
 from tasks.maskrcnn.data import collate  # noqa: E402
 
@@ -38,6 +40,8 @@ def build_model(overrides: list[str], ckpt: str | None):
     parts = build_task(cfg.task.name, cfg.task, norm_act_factory(cfg.norm.name, **cfg.norm.kwargs))
     if ckpt:
         parts.module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    if resolve_channels_last(cfg, parts.module):  # as a run does (e.g. --variant channels_last=true)
+        parts.module.to(memory_format=torch.channels_last)
     return parts.module.model.train(), parts.datamodule
 
 

@@ -87,6 +87,10 @@ def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the variants share the first one's batches: a data key would not reach them
         detection_step.main([*common, "--variant", "task.data.batch_size=4"])
     assert "give task.data.batch_size=4 to all, not one" in capsys.readouterr().err
+    for layout, channels_last in (("channels_last=true", True), ("channels_last=null", False)):  # auto: no depthwise
+        model, _ = detection_step.build_model([*common, layout], None)
+        convs = [p for p in model.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == channels_last
 
 
 def test_host_overhead_benchmark_times_every_launch_path():

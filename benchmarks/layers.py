@@ -24,6 +24,7 @@ processes and caching allocators (CUDA, jemalloc) keep their memory too.
     python benchmarks/layers.py --shapes 32x64x56x56 --layers bn_relu,b0,s0
     python benchmarks/layers.py --device cuda --shapes gpu --dtype bfloat16   # half input, float32 parameters
     python benchmarks/layers.py --device cuda --shapes 32x256x56x56 --layers b0 --profile   # kernel by kernel
+    python benchmarks/layers.py --shapes 128x96x14x14,128x576x2x2 --layers bn_relu,b0,s0 --channels-last
 """
 from __future__ import annotations
 
@@ -146,11 +147,11 @@ def saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def random_input(shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input that requires grad, output gradient), the same for every case and run."""
+def random_input(shape, device, dtype, memory_format=torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input that requires grad, output gradient), the same for every case and run, in ``memory_format``."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-    return x, torch.randn(shape, generator=gen).to(device, dtype)
+    x = torch.randn(shape, generator=gen).to(device, dtype, memory_format=memory_format).requires_grad_()
+    return x, torch.randn(shape, generator=gen).to(device, dtype, memory_format=memory_format)
 
 
 def graph_ms(layer, x, grad, replays: int = 20) -> float | None:
@@ -220,11 +221,13 @@ def stream_block(layer, x, grad, calls: int = STREAM_CALLS) -> tuple[float, floa
     return start.elapsed_time(end) / calls, host_ms
 
 
-def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=torch.float32):
+def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=torch.float32,
+                memory_format=torch.contiguous_format):
     """Median fwd and fwd+bwd times (ms) and saved bytes of each case on one shape, rounds interleaved. The input
-    (and output gradient) has ``dtype``, the layers float32 parameters: what a layer sees after an autocast conv."""
+    (and output gradient) has ``dtype``, the layers float32 parameters: what a layer sees after an autocast conv;
+    and ``memory_format``: what a channels-last model's conv hands it."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x, grad = random_input(shape, device, dtype)
+    x, grad = random_input(shape, device, dtype, memory_format)
     layers, rows = {}, {}
 
     for case in cases:
@@ -276,7 +279,7 @@ def bench_shape(shape, cases, device, repeats, budget_s, compile_mode, dtype=tor
     for (name, impl), row in rows.items():
         results.append({
             "layer": name, "impl": impl, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
-            "rounds": rounds,
+            "channels_last": memory_format == torch.channels_last, "rounds": rounds,
             "fwd_ms": statistics.median(row["fwd"]), "fwd_bwd_ms": statistics.median(row["fwd_bwd"]),
             "stream_fwd_bwd_ms": statistics.median(row["stream"]) if row["stream"] else None,
             "host_fwd_bwd_ms": statistics.median(row["host"]) if row["host"] else None,
@@ -352,6 +355,8 @@ def main(argv=None):
                         help="output path (default benchmarks/results/layers-<device>.json)")
     parser.add_argument("--malloc-trim", action="store_true",
                         help="leave glibc's trimming of freed memory on (see above)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="inputs and output gradients channels-last (BN-ReLU then runs its channels-last kernels)")
     parser.add_argument("--quick", action="store_true", help="tiny shape, 3 rounds: a smoke run of a few seconds")
     parser.add_argument("--no-native", action="store_true", help="on CUDA, no fast-native rows")
     parser.add_argument("--profile", action="store_true",
@@ -378,12 +383,13 @@ def main(argv=None):
     for shape in parse_shapes(args.shapes):
         print(f"shape {shape} ...", file=sys.stderr, flush=True)
         results += bench_shape(shape, cases, device, args.repeats, args.budget, args.compile,
-                               getattr(torch, args.dtype))
+                               getattr(torch, args.dtype),
+                               torch.channels_last if args.channels_last else torch.contiguous_format)
         if args.profile:
             profile_shape(shape, cases, device, args.compile, getattr(torch, args.dtype))
     print_table(results)
 
-    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    suffix = ("" if args.dtype == "float32" else f"-{args.dtype}") + ("-channels-last" if args.channels_last else "")
     path = args.json or Path(__file__).resolve().parent / "results" / f"layers-{device.type}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -392,6 +398,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": getattr(timm, "__version__", None),
         "python": platform.python_version(), "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "baseline": "/".join(BASELINE), "compile": args.compile, "dtype": args.dtype,
+        "channels_last": args.channels_last,
         "malloc_keeps_freed_memory": kept_memory,
     }
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -107,6 +107,14 @@ at::MemoryFormat layout(const Tensor& x) {
   return channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Per-(n, c) work of the channels-last path in parallel, a sample's channels per task.
+template <typename F>
+void for_each_nc(int64_t n, int64_t c, const F& f) {
+  for_rows(n, c, [&](int64_t i) {
+    for (int64_t row = i * c; row < (i + 1) * c; ++row) f(row);
+  });
+}
+
 void check(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() >= 2 &&
                   (t.is_contiguous() || channels_last(t)),
@@ -184,7 +192,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const 
   }
 
   const float feps = static_cast<float>(eps);
-  for (int64_t ch = 0; ch < c; ++ch) {
+  for_rows(c, n, [&](int64_t ch) {  // channels in parallel: each one's algebra is its own
     float batch_var = prv[ch];
     if (training) {  // over (N, H, W): mean of the (n, c) variances + variance of the (n, c) means
       float mean_of_means = 0, mean_of_vars = 0, spread = 0;
@@ -195,16 +203,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const 
       if (std::isfinite(batch_var)) prv[ch] = lerp(prv[ch], batch_var, static_cast<float>(momentum));
     }
     pbs[ch] = std::sqrt(batch_var + feps);
-  }
+  });
 
   float* py = y.data_ptr<float>();
   if (nhwc) {
     std::vector<float> a(n * c), b(n * c), scale(c);
-    for (int64_t row = 0; row < n * c; ++row) {
+    for_each_nc(n, c, [&](int64_t row) {
       const int64_t ch = row % c;
       const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
       a[row] = t.alpha / pbs[ch], b[row] = t.beta / pbs[ch];
-    }
+    });
     for (int64_t ch = 0; ch < c; ++ch) scale[ch] = pw[ch] / pbs[ch];
     const float* ps = scale.data();
     for_rows(n * len, c, [&](int64_t pos) {
@@ -245,11 +253,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
   std::vector<float> a(rows), b(rows), beta(rows), sum_gy(rows), dot_gy_t(rows), dot_all(rows), sum_inst(rows),
       dot_inst_x(rows);
   if (nhwc) {
-    for (int64_t row = 0; row < rows; ++row) {
+    for_each_nc(n, c, [&](int64_t row) {
       const int64_t ch = row % c;
       const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
       a[row] = t.alpha / pbs[ch], b[row] = t.beta / pbs[ch], beta[row] = t.beta;
-    }
+    });
     for_rows(n, len * c, [&](int64_t i) {
       std::vector<double> sums(5 * c, 0.0);
       double *s0 = sums.data(), *s1 = s0 + c, *s2 = s1 + c, *s3 = s2 + c, *s4 = s3 + c;
@@ -296,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
   auto grad_v = at::empty({variant == 0 ? c : 0}, x.options());
   float *pgw = grad_weight.data_ptr<float>(), *pgb = grad_bias.data_ptr<float>(), *pgv = grad_v.data_ptr<float>();
   std::vector<float> k1(rows), k0(rows);
-  for (int64_t ch = 0; ch < c; ++ch) {
+  for_rows(c, n, [&](int64_t ch) {
     const float w_ss = pw[ch] / (pbs[ch] * pbs[ch]);
     float gv = 0, gw = 0, gb = 0, batch_grad = 0, mean_of_means = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -319,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
     }
     if (variant == 0) pgv[ch] = gv;
     pgw[ch] = gw, pgb[ch] = gb;
-  }
+  });
 
   auto grad_x = at::empty_like(x);
   float* pgx = grad_x.data_ptr<float>();
@@ -418,7 +426,7 @@ std::tuple<Tensor, Tensor, Tensor> sample_forward(const Tensor& x, const Tensor&
   float* py = y.data_ptr<float>();
   if (nhwc) {
     std::vector<float> scale(n * c), ones(pvv ? 0 : c, 1.0f);
-    for (int64_t row = 0; row < n * c; ++row) scale[row] = pw[row % c] * pr[row / per_group];
+    for_each_nc(n, c, [&](int64_t row) { scale[row] = pw[row % c] * pr[row / per_group]; });
     const float* pv = pvv ? pvv : ones.data();
     for_rows(n * len, c, [&](int64_t pos) {
       const float *xr = px + pos * c, *sr = scale.data() + pos / len * c;
@@ -494,15 +502,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sample_backward(const Tensor& x, cons
 
   // k1 per (n, group): dL/d rstd = sum of weight gy num over the group, d rstd / dx = -rstd^3 (x - center) / M.
   std::vector<float> k1(n * groups);
-  for (int64_t row = 0; row < n * groups; ++row) {
+  for_rows(n * groups, per_group, [&](int64_t row) {
     float g_rstd = 0;
     for (int64_t ch = row * per_group; ch < (row + 1) * per_group; ++ch) g_rstd += pw[ch % c] * dot_gy_num[ch];
     k1[row] = -g_rstd * pr[row] * pr[row] * pr[row] / (per_group * len);
-  }
+  });
   auto grad_weight = at::empty({c}, x.options()), grad_bias = at::empty({c}, x.options());
   auto grad_v = at::empty({v ? c : 0}, x.options());
   float *pgw = grad_weight.data_ptr<float>(), *pgb = grad_bias.data_ptr<float>(), *pgv = grad_v.data_ptr<float>();
-  for (int64_t ch = 0; ch < c; ++ch) {
+  for_rows(c, n, [&](int64_t ch) {
     float gw = 0, gb = 0, gv = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t row = i * c + ch;
@@ -511,16 +519,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sample_backward(const Tensor& x, cons
     }
     pgw[ch] = gw, pgb[ch] = gb;
     if (v) pgv[ch] = gv;
-  }
+  });
 
   auto grad_x = at::empty_like(x);
   float* pgx = grad_x.data_ptr<float>();
   if (nhwc) {  // per-(n, c) factors: scale, k and center of the channel's group
     std::vector<float> scale(rows), k(rows), center(rows);
-    for (int64_t row = 0; row < rows; ++row) {
+    for_each_nc(n, c, [&](int64_t row) {
       const int64_t group = row / per_group;
       scale[row] = pw[row % c] * pr[group], k[row] = k1[group], center[row] = pm ? pm[group] : 0.0f;
-    }
+    });
     for_rows(n * len, c, [&](int64_t pos) {
       const int64_t base = pos / len * c;
       const float *sr = scale.data() + base, *kr = k.data() + base, *cr = center.data() + base;

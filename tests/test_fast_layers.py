@@ -520,6 +520,16 @@ def test_benchmark_quick_run_writes_json(tmp_path):
     assert "fwd+bwd ms" in proc.stdout
 
 
+def test_benchmark_times_channels_last_inputs(tmp_path):
+    """--channels-last: every case gets the input and output gradient channels-last."""
+    from benchmarks import layers as bench
+    out = tmp_path / "layers.json"
+    rows = bench.main(["--quick", "--layers", "bn_relu,b0,s0", "--channels-last", "--json", str(out)])
+    assert json.loads(out.read_text())["meta"]["channels_last"] and all(r["channels_last"] for r in rows)
+    assert all(t.is_contiguous(memory_format=torch.channels_last)
+               for t in bench.random_input((2, 8, 3, 3), torch.device("cpu"), torch.float32, torch.channels_last))
+
+
 def test_benchmark_refuses_rows_of_a_fast_path_that_fell_back(monkeypatch):
     """A failed build (no C++ compiler) makes impl=fast run the eager stages: those rows would be mislabelled."""
     from benchmarks import layers as bench

@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from evonorm import norm_act_factory  # noqa: E402
-from pipelines.run import resolve_channels_last  # noqa: E402
+from pipelines.run import apply_channels_last  # noqa: E402
 from tasks import build_task  # noqa: E402
 from tasks.maskrcnn.data import collate  # noqa: E402
 
@@ -40,8 +40,7 @@ def build_model(overrides: list[str], ckpt: str | None):
     parts = build_task(cfg.task.name, cfg.task, norm_act_factory(cfg.norm.name, **cfg.norm.kwargs))
     if ckpt:
         parts.module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
-    if resolve_channels_last(cfg, parts.module):  # as a run does (e.g. --variant channels_last=true)
-        parts.module.to(memory_format=torch.channels_last)
+    apply_channels_last(cfg, parts.module)  # as a run does (e.g. --variant channels_last=true)
     return parts.module.model.train(), parts.datamodule
 
 

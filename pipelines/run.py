@@ -52,15 +52,20 @@ def trainer_on_gpu(cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def resolve_switch(cfg: DictConfig, key: str, auto: bool, auto_means: str) -> bool:
+    """A top-level true / false / null (auto) option: the config's choice, or ``auto`` where it is null."""
+    choice = cfg.get(key)
+    if choice is None or choice == "auto":
+        return auto
+    if isinstance(choice, bool):
+        return choice
+    raise ConfigError(f"{key} must be true, false or null (auto: {auto_means}), got {choice!r}")
+
+
 def resolve_compile(cfg: DictConfig) -> bool:
     """``compile``: true / false, or null (auto): on where the trainer runs on GPUs, off on CPU, where compiling
     (minutes for a ResNet) would dominate a short run."""
-    choice = cfg.get("compile")
-    if choice is None or choice == "auto":
-        return trainer_on_gpu(cfg)
-    if isinstance(choice, bool):
-        return choice
-    raise ConfigError(f"compile must be true, false or null (auto: on for GPU trainers), got {choice!r}")
+    return resolve_switch(cfg, "compile", trainer_on_gpu(cfg), "on for GPU trainers")
 
 
 def has_depthwise_conv(module: torch.nn.Module) -> bool:
@@ -68,17 +73,16 @@ def has_depthwise_conv(module: torch.nn.Module) -> bool:
                for m in module.modules())
 
 
-def resolve_channels_last(cfg: DictConfig, module: torch.nn.Module) -> bool:
+def apply_channels_last(cfg: DictConfig, module: torch.nn.Module) -> bool:
     """``channels_last``: true / false, or null (auto): on for a CPU trainer and a model with depthwise convolutions
-    (oneDNN's channels-last kernels make such a training step 1.5-3x faster on CPU: README, Classification), off
-    otherwise (measured on CPU only)."""
-    choice = cfg.get("channels_last")
-    if choice is None or choice == "auto":
-        return not trainer_on_gpu(cfg) and has_depthwise_conv(module)
-    if isinstance(choice, bool):
-        return choice
-    raise ConfigError(f"channels_last must be true, false or null (auto: on for a CPU trainer and a model with "
-                      f"depthwise convolutions), got {choice!r}")
+    (oneDNN's channels-last kernels make such a training step 1.5-3x faster on CPU: README, Performance), off
+    otherwise (measured on CPU only). Where on, the module's 4-d weights go channels-last (a convolution's output
+    then follows its weight's layout). Returns whether it is on."""
+    on = resolve_switch(cfg, "channels_last", not trainer_on_gpu(cfg) and has_depthwise_conv(module),
+                        "on for a CPU trainer and a model with depthwise convolutions")
+    if on:
+        module.to(memory_format=torch.channels_last)
+    return on
 
 
 def nan_loss_remedies(cfg: DictConfig, automatic_optimization: bool) -> str:
@@ -235,9 +239,7 @@ def run(cfg: DictConfig) -> dict:
             parts = build_task(cfg.task.name, cfg.task, norm_act)
         except ValueError as e:  # a value the layer or the task refuses (their checks say which and why)
             raise ConfigError(f"task={cfg.task.name} norm={cfg.norm.name} cannot be built from this config: {e}") from e
-        record["channels_last"] = resolve_channels_last(cfg, parts.module)
-        if record["channels_last"]:  # 4-d weights; a convolution's output then follows its weight's layout
-            parts.module.to(memory_format=torch.channels_last)
+        record["channels_last"] = apply_channels_last(cfg, parts.module)
         record["compile"] = resolve_compile(cfg)
         if record["compile"]:
             record["compiled_modules"] = parts.compile()

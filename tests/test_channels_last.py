@@ -7,7 +7,7 @@ import torch
 
 import evonorm
 from pipelines.checks import ConfigError
-from pipelines.run import resolve_channels_last, run
+from pipelines.run import apply_channels_last, run
 from tasks.classification.models import build_model
 
 # 4 training steps of 32 images of a narrow MobileNetV2 (depthwise convolutions), one evaluation batch of 64
@@ -16,15 +16,23 @@ TINY_MOBILENET = ("norm=s0", "task.model.arch=mobilenet_v2", "task.model.width_m
                   "task.data.eval_batch_size=64", "test_ckpt=last")
 
 
+def weights_channels_last(weights) -> bool:
+    """Whether every 4-d tensor has channels-last strides (not merely is_contiguous(channels_last), which holds
+    either way for MobileNetV2's weights: 1x1 kernels or one input channel)."""
+    weights = [w for w in weights if w.dim() == 4]
+    return bool(weights) and all(w.stride() == torch.empty(w.shape, memory_format=torch.channels_last).stride()
+                                 for w in weights)
+
+
 def test_channels_last_default_follows_the_model_and_the_trainer(compose_cfg):
     factory = evonorm.norm_act_factory("s0")
     mobile, resnet = (build_model(arch, factory, 10, in_chans=1) for arch in ("mobilenet_v2", "preact_resnet_cifar"))
-    assert resolve_channels_last(compose_cfg(), mobile) and not resolve_channels_last(compose_cfg(), resnet)
-    assert not resolve_channels_last(compose_cfg("trainer=gpu"), mobile)
-    assert resolve_channels_last(compose_cfg("channels_last=true"), resnet)
-    assert not resolve_channels_last(compose_cfg("channels_last=false"), mobile)
+    for overrides, model, on in ((["trainer=gpu"], mobile, False), (["channels_last=false"], mobile, False),
+                                 ([], mobile, True), ([], resnet, False), (["channels_last=true"], resnet, True)):
+        assert apply_channels_last(compose_cfg(*overrides), model) == on
+        assert weights_channels_last(model.parameters()) == on, (overrides, type(model).__name__)
     with pytest.raises(ConfigError, match="channels_last must be true, false or null"):
-        resolve_channels_last(compose_cfg("channels_last=sometimes"), mobile)
+        apply_channels_last(compose_cfg("channels_last=sometimes"), mobile)
 
 
 def test_a_channels_last_run_trains_like_the_contiguous_one(compose_cfg, tmp_path):
@@ -37,7 +45,6 @@ def test_a_channels_last_run_trains_like_the_contiguous_one(compose_cfg, tmp_pat
     weights = {name: torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
                for name in ("auto", "contiguous")}
     assert weights["auto"].keys() == weights["contiguous"].keys()
-    convs = [k for k, v in weights["auto"].items() if v.dim() == 4]
-    assert convs and all(weights["auto"][k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert weights_channels_last(weights["auto"].values()) and not weights_channels_last(weights["contiguous"].values())
     for key, value in weights["contiguous"].items():  # depthwise backward sums in another order: rounding, 4 steps
         torch.testing.assert_close(weights["auto"][key].contiguous(), value, rtol=1e-3, atol=5e-5, msg=key)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import models
+from tests.test_channels_last import weights_channels_last
 
 
 def test_model_benchmark_quick(tmp_path, capfd):
@@ -64,7 +65,7 @@ def test_model_benchmark_runs_each_case_in_each_memory_format(tmp_path, monkeypa
     seen = []  # what the channels-last child times: its weights and input in that format
     monkeypatch.setattr(models, "saved_bytes", lambda model, x: seen.append(
         (x.shape[1], x.is_contiguous(memory_format=torch.channels_last),
-         all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4))) or 1)
+         weights_channels_last(model.parameters()))) or 1)
     models.measure("mobilenet_v2", "s0", "fast", batch=2, size=32, steps=1, device="cpu",
                    memory_format="channels_last", in_chans=1)
     assert seen == [(1, True, True)]
@@ -89,8 +90,7 @@ def test_detection_step_benchmark_times_each_variant(tmp_path, capsys):
     assert "give task.data.batch_size=4 to all, not one" in capsys.readouterr().err
     for layout, channels_last in (("channels_last=true", True), ("channels_last=null", False)):  # auto: no depthwise
         model, _ = detection_step.build_model([*common, layout], None)
-        convs = [p for p in model.parameters() if p.dim() == 4]
-        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == channels_last
+        assert weights_channels_last(model.parameters()) == channels_last
 
 
 def test_host_overhead_benchmark_times_every_launch_path():

@@ -67,25 +67,39 @@ inline void moments(const float* p, int64_t len, float& mean, float& var) {
   var = static_cast<float>(ss / len);
 }
 
-// Per (n, c) mean and biased variance of an (len, c) block (a channels-last sample): exact two-pass in double.
-void column_moments(const float* p, int64_t len, int64_t c, float* mean, float* var) {
-  std::vector<double> sums(c, 0.0), squares(c, 0.0);
-  double *s = sums.data(), *ss = squares.data();
+// Column sums of an (len, c) block (a channels-last sample), in double: s[ch] = sum of p[:, ch].
+std::vector<double> column_sums(const float* p, int64_t len, int64_t c) {
+  std::vector<double> sums(c, 0.0);
+  double* s = sums.data();
   for (int64_t i = 0; i < len; ++i) {
     const float* r = p + i * c;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) s[ch] += r[ch];
   }
-  for (int64_t ch = 0; ch < c; ++ch) s[ch] /= len;
+  return sums;
+}
+
+// Column sums of squared deviations from center[ch], in double (the second pass of a two-pass variance).
+std::vector<double> column_squares(const float* p, int64_t len, int64_t c, const double* center) {
+  std::vector<double> squares(c, 0.0);
+  double* ss = squares.data();
   for (int64_t i = 0; i < len; ++i) {
     const float* r = p + i * c;
 #pragma omp simd
     for (int64_t ch = 0; ch < c; ++ch) {
-      const double d = r[ch] - s[ch];
+      const double d = r[ch] - center[ch];
       ss[ch] += d * d;
     }
   }
-  for (int64_t ch = 0; ch < c; ++ch) mean[ch] = static_cast<float>(s[ch]), var[ch] = static_cast<float>(ss[ch] / len);
+  return squares;
+}
+
+// Per (n, c) mean and biased variance of an (len, c) block: exact two-pass in double.
+void column_moments(const float* p, int64_t len, int64_t c, float* mean, float* var) {
+  std::vector<double> m = column_sums(p, len, c);
+  for (int64_t ch = 0; ch < c; ++ch) m[ch] /= len;
+  const std::vector<double> ss = column_squares(p, len, c, m.data());
+  for (int64_t ch = 0; ch < c; ++ch) mean[ch] = static_cast<float>(m[ch]), var[ch] = static_cast<float>(ss[ch] / len);
 }
 
 // Rows in parallel, at least kGrain elements per thread.
@@ -168,6 +182,23 @@ inline float lerp(float start, float end, float weight) {
   return std::abs(weight) < 0.5f ? start + weight * diff : end - diff * (1 - weight);
 }
 
+// Channels-last B-series, per (n, c) into arrays of n * c: a, b and beta, which the contiguous passes compute per
+// row; and per channel the output scale weight / batch_std.
+void batch_row_terms(int64_t n, int64_t c, int64_t variant, const float* pm, const float* pv, const float* pvv,
+                     const float* pbs, float eps, float* a, float* b, float* beta) {
+  for_each_nc(n, c, [&](int64_t row) {
+    const int64_t ch = row % c;
+    const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, eps);
+    a[row] = t.alpha / pbs[ch], b[row] = t.beta / pbs[ch], beta[row] = t.beta;
+  });
+}
+
+std::vector<float> batch_scale(int64_t c, const float* pw, const float* pbs) {
+  std::vector<float> scale(c);
+  for (int64_t ch = 0; ch < c; ++ch) scale[ch] = pw[ch] / pbs[ch];
+  return scale;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
                                                          const std::optional<Tensor>& v, const Tensor& running_var,
                                                          int64_t variant, double eps, double momentum,
@@ -207,13 +238,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_forward(const Tensor& x, const 
 
   float* py = y.data_ptr<float>();
   if (nhwc) {
-    std::vector<float> a(n * c), b(n * c), scale(c);
-    for_each_nc(n, c, [&](int64_t row) {
-      const int64_t ch = row % c;
-      const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
-      a[row] = t.alpha / pbs[ch], b[row] = t.beta / pbs[ch];
-    });
-    for (int64_t ch = 0; ch < c; ++ch) scale[ch] = pw[ch] / pbs[ch];
+    std::vector<float> a(n * c), b(n * c), beta(n * c);
+    batch_row_terms(n, c, variant, pm, pv, pvv, pbs, feps, a.data(), b.data(), beta.data());
+    const std::vector<float> scale = batch_scale(c, pw, pbs);
     const float* ps = scale.data();
     for_rows(n * len, c, [&](int64_t pos) {
       const float *xr = px + pos * c, *ar = a.data() + pos / len * c, *br = b.data() + pos / len * c;
@@ -253,11 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
   std::vector<float> a(rows), b(rows), beta(rows), sum_gy(rows), dot_gy_t(rows), dot_all(rows), sum_inst(rows),
       dot_inst_x(rows);
   if (nhwc) {
-    for_each_nc(n, c, [&](int64_t row) {
-      const int64_t ch = row % c;
-      const BatchRow t = instance_term(variant, pm[row], pv[row], pvv ? pvv[ch] : 0.0f, feps);
-      a[row] = t.alpha / pbs[ch], b[row] = t.beta / pbs[ch], beta[row] = t.beta;
-    });
+    batch_row_terms(n, c, variant, pm, pv, pvv, pbs, feps, a.data(), b.data(), beta.data());
     for_rows(n, len * c, [&](int64_t i) {
       std::vector<double> sums(5 * c, 0.0);
       double *s0 = sums.data(), *s1 = s0 + c, *s2 = s1 + c, *s3 = s2 + c, *s4 = s3 + c;
@@ -286,7 +309,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
       double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0;
       for (int64_t start = 0; start < len; start += kBlock) {
         float b0 = 0, b1 = 0, b2 = 0, b3 = 0, b4 = 0;
-  #pragma omp simd reduction(+ : b0, b1, b2, b3, b4)
+#pragma omp simd reduction(+ : b0, b1, b2, b3, b4)
         for (int64_t i = start; i < std::min(len, start + kBlock); ++i) {
           const float r = batch_r(xr[i], ar, br), inv_r = 1.0f / r, tt = xr[i] * inv_r, q = gr[i] * tt * inv_r;
           const float q_inst = r > 1.0f ? q : 0.0f;
@@ -332,8 +355,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_backward(const Tensor& x, const
   auto grad_x = at::empty_like(x);
   float* pgx = grad_x.data_ptr<float>();
   if (nhwc) {
-    std::vector<float> scale(c);
-    for (int64_t ch = 0; ch < c; ++ch) scale[ch] = pw[ch] / pbs[ch];
+    const std::vector<float> scale = batch_scale(c, pw, pbs);
     const float* ps = scale.data();
     for_rows(n * len, c, [&](int64_t pos) {
       const int64_t base = pos / len * c;
@@ -388,25 +410,15 @@ std::tuple<Tensor, Tensor, Tensor> sample_forward(const Tensor& x, const Tensor&
   if (nhwc) {  // per channel, then per group: the sums of a group's columns
     for_rows(n, len * c, [&](int64_t i) {
       const float* p = px + i * len * c;
-      std::vector<double> sums(c, 0.0), squares(c, 0.0), group_mean(groups), channel_mean(c);
-      double *s = sums.data(), *ss = squares.data(), *cm = channel_mean.data();
-      for (int64_t pos = 0; pos < len; ++pos) {
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) s[ch] += p[pos * c + ch];
-      }
+      const std::vector<double> s = column_sums(p, len, c);
+      std::vector<double> group_mean(groups), channel_mean(c);
       for (int64_t g = 0; g < groups; ++g) {
         double total = 0;
         for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) total += s[ch];
         group_mean[g] = total / (per_group * len);
       }
-      for (int64_t ch = 0; ch < c; ++ch) cm[ch] = group_mean[ch / per_group];
-      for (int64_t pos = 0; pos < len; ++pos) {
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) {
-          const double d = p[pos * c + ch] - cm[ch];
-          ss[ch] += d * d;
-        }
-      }
+      for (int64_t ch = 0; ch < c; ++ch) channel_mean[ch] = group_mean[ch / per_group];
+      const std::vector<double> ss = column_squares(p, len, c, channel_mean.data());
       for (int64_t g = 0; g < groups; ++g) {
         double total = 0;
         for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) total += ss[ch];
@@ -489,7 +501,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sample_backward(const Tensor& x, cons
       double s0 = 0, s1 = 0, s2 = 0;
       for (int64_t start = 0; start < len; start += kBlock) {
         float b0 = 0, b1 = 0, b2 = 0;
-  #pragma omp simd reduction(+ : b0, b1, b2)
+#pragma omp simd reduction(+ : b0, b1, b2)
         for (int64_t i = start; i < std::min(len, start + kBlock); ++i) {
           const float s = sigmoid(vr * xr[i]), gy_x = gr[i] * xr[i];
           b0 += gr[i], b1 += gy_x * s, b2 += gy_x * s * (1.0f - s) * xr[i];
